@@ -1,0 +1,89 @@
+"""
+MCConfig: every MegaContext knob, defined once. Scripts expose each field as a `--mc-<name>` flag
+(underscores become dashes) through `add_mc_args` / `mc_config_from_args`, and checkpoints store
+`asdict(cfg)` so that every stage rebuilds the same memory.
+"""
+from dataclasses import dataclass, asdict, fields
+
+
+@dataclass
+class MCConfig:
+    # --- tree ---
+    block_size: int = 32          # K: entries summarised by one gist, at every level
+    max_level: int = 4            # highest gist level (one gist per 32^4 ~ 1M tokens)
+    storage_dtype: str = "float16"  # gist rows on disk: float16 or bfloat16
+    # --- working context ---
+    budget: int = 512             # W_max: a raw 32-token block costs 32, a gist costs 1
+    tail_tokens: int = 128        # the newest tokens always stay raw (the "present")
+    positions: str = "slot"       # "slot" (entry index) or "gaussian" (damped span centre)
+    # --- allocator ---
+    tau: float = 0.2              # |score| above tau asks for an expand (+) or a collapse (-)
+    max_edits: int = 4            # edits per refocus pass
+    cooldown: int = 2             # passes during which a fresh edit cannot be reversed
+    # --- GistNet ---
+    gist_layers: int = 2
+    gist_heads: int = 0           # 0: same as the GPT's head count
+    gist_pool: str = "mean"       # "mean" or "attn" (learned-query attention pooling)
+    gist_shared: bool = True      # one GistNet for every level (a level embedding tells them apart)
+    # --- LensNet ---
+    lens_dim: int = 128           # LensNet's own width
+    lens_layers: int = 2
+    lens_heads: int = 4
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def bad(msg):
+            raise ValueError(f"invalid MegaContext config: {msg}")
+        if self.block_size < 2:
+            bad(f"block_size must be >= 2, got {self.block_size}")
+        if self.max_level < 1:
+            bad(f"max_level must be >= 1, got {self.max_level}")
+        if self.storage_dtype not in ("float16", "bfloat16"):
+            bad(f"storage_dtype must be float16 or bfloat16, got {self.storage_dtype!r}")
+        if self.positions not in ("slot", "gaussian"):
+            bad(f"positions must be 'slot' or 'gaussian', got {self.positions!r}")
+        if self.gist_pool not in ("mean", "attn"):
+            bad(f"gist_pool must be 'mean' or 'attn', got {self.gist_pool!r}")
+        if self.tail_tokens < 0 or self.tail_tokens % self.block_size:
+            bad(f"tail_tokens must be a non-negative multiple of block_size ({self.block_size}), got {self.tail_tokens}")
+        # the raw tail (up to tail_tokens + a partial block) plus at least one gist must fit
+        if self.budget < self.tail_tokens + self.block_size:
+            bad(f"budget ({self.budget}) must be at least tail_tokens + block_size "
+                f"({self.tail_tokens + self.block_size})")
+        if not 0 <= self.tau < 1:
+            bad(f"tau must be in [0, 1), got {self.tau}")
+        if self.max_edits < 1 or self.cooldown < 0:
+            bad("max_edits must be >= 1 and cooldown >= 0")
+        if self.lens_dim % self.lens_heads:
+            bad(f"lens_dim ({self.lens_dim}) must be divisible by lens_heads ({self.lens_heads})")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MegaContext config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def add_mc_args(parser):
+    """Add one --mc-<field> flag per MCConfig field (defaults from the dataclass)."""
+    g = parser.add_argument_group("MegaContext (--mc-*)")
+    for f in fields(MCConfig):
+        flag = "--mc-" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                           help=f"(default: {f.default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            g.add_argument(flag, type=typ, default=f.default, help=f"(default: {f.default})")
+    return parser
+
+
+def mc_config_from_args(args):
+    return MCConfig(**{f.name: getattr(args, "mc_" + f.name) for f in fields(MCConfig)})

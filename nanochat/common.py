@@ -1,0 +1,129 @@
+"""
+Small utilities shared by every stage: device and dtype choice, distributed set-up, the base
+directory where artifacts are staged, rank-0 printing, and the one-line user error.
+"""
+import os
+import sys
+import logging
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (missing file, bad flag). Scripts print it as one line, no traceback."""
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def get_base_dir():
+    """Where tokenizer, data, checkpoints and the report live ($NANOCHAT_BASE_DIR, default ~/.cache/nanochat)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(device_type):
+    """bf16 autocast on CUDA SM80+ (Ampere and newer), fp32 everywhere else."""
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_ctx(device_type):
+    """The autocast context for forward passes (a no-op where we compute in fp32)."""
+    import contextlib
+    dtype = compute_dtype(device_type)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=dtype)
+
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+def compute_init(device_type=None, seed=42):
+    """
+    Set up the process: device, seeds, threads, and DDP when launched by torchrun
+    (NCCL on CUDA, gloo on CPU so the distributed path is testable without a GPU).
+    Returns (ddp, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type cuda was requested but CUDA is not available")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cpu":
+        # share the cores between ranks instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if ddp:
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for wandb when --run=dummy: logs nothing, never touches the network."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run, project, config, master_process=True):
+    """A real wandb run when `run` names one (WANDB_MODE=offline works), otherwise a dummy."""
+    if run == "dummy" or not master_process:
+        return DummyWandb()
+    import wandb
+    return wandb.init(project=project, name=run, config=config)
