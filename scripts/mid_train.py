@@ -1,0 +1,294 @@
+"""
+Midtraining: teach the base model the chat format, special tokens and a few skills on a mixture
+of rendered conversations, nanochat style.
+
+    python -m scripts.mid_train                                  # from the largest base model
+    python -m scripts.mid_train --mixture offline --device-batch-size 4 --max-seq-len 256 \
+        --total-batch-size -1 --num-iterations 100               # toy CPU run, no downloads
+    torchrun --nproc_per_node=8 -m scripts.mid_train             # DDP
+
+Data. Conversations (see build_mixture) are rendered with the tokenizer (each begins with <|bos|>)
+and packed back to back into one token stream that is cut into B x T rows, like pretraining data:
+no padding, conversations may straddle rows. By default the loss is on ALL tokens (nanochat's
+midtraining: the model also learns to predict user turns, which is cheap extra language data);
+`--masked-loss` keeps only the assistant tokens, as SFT does.
+`--mixture full` (default) mixes SmolTalk, MMLU (auxiliary train) and GSM8K from the Hugging Face
+hub with the code-made tasks; `--mixture offline` uses the code-made tasks only (Identity,
+Arithmetic, Spelling, Memory) and needs no network.
+
+Horizon. `--num-iterations -1` (default) is one pass over the mixture (per rank). The LR is
+constant for 80% of the run, then decays linearly to 0.
+
+Writes $NANOCHAT_BASE_DIR/mid_checkpoints/<model_tag>/ (the base model's tag by default). Any
+other nets stored in the base checkpoint (MegaContext's GistNet/LensNet) are carried over unchanged.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from collections import deque
+
+import torch
+from tqdm import tqdm
+
+from nanochat.common import (UserError, run_main, get_base_dir, compute_init, compute_cleanup, print0,
+                             autocast_ctx, autodetect_device_type, init_wandb)
+from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import setup_optimizers, sync_grads
+from scripts.base_train import muon_momentum, all_reduce_mean
+from tasks.common import TaskMixture
+from tasks.arithmetic import Arithmetic
+from tasks.identity import Identity
+from tasks.memory import Memory
+from tasks.spelling import Spelling
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scripts.mid_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb, no network)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--model-tag", default=None, help="base model tag to start from, and the output tag (default: largest)")
+    p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: last)")
+    p.add_argument("--mixture", choices=["full", "offline"], default="full",
+                   help="full: hub datasets + code-made tasks; offline: code-made tasks only (no network)")
+    p.add_argument("--masked-loss", type=int, default=0, help="1: loss on assistant tokens only (default 0: all tokens)")
+    p.add_argument("--max-seq-len", type=int, default=-1, help="T (default: the model's sequence_len)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per micro-step")
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step over all ranks (-1: one micro-step per rank)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--init-lr-frac", type=float, default=1.0, help="LR as a fraction of the base LRs")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (0: only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def build_mixture(mixture, split):
+    """
+    The conversations of midtraining. split: "train" or "val". The code-made tasks are seeded, so
+    the mixture is identical on every rank and every run. (The --mc midtraining of a later issue
+    adds its long-context synthetic tasks here.)
+    """
+    train = split == "train"
+    gen_split = "train" if train else "test"
+    n = (lambda k: k) if train else (lambda k: max(50, k // 20))
+    tasks = [Identity(gen_split, size=n(1000)), Arithmetic(gen_split, size=n(10000)),
+             Spelling(gen_split, size=n(10000)), Memory(gen_split, size=n(5000))]
+    if mixture == "full":
+        from tasks.smoltalk import SmolTalk
+        from tasks.mmlu import MMLU
+        from tasks.gsm8k import GSM8K
+        if train:
+            tasks += [SmolTalk("train"), MMLU("auxiliary_train", "train"), GSM8K("main", "train")]
+        else:
+            tasks += [SmolTalk("test", stop=5000), MMLU("all", "test", stop=1000), GSM8K("main", "test", stop=400)]
+    elif mixture != "offline":
+        raise UserError(f"unknown mixture {mixture!r}: choose full or offline")
+    return TaskMixture(tasks, seed=0 if train else 1)
+
+
+def packed_batches(task, tokenizer, B, T, rank=0, world_size=1, masked=False, device="cpu", max_conv_tokens=None):
+    """
+    Infinite generator of (inputs (B,T), targets (B,T), progress): conversations rank, rank+W, ...
+    of `task` rendered and packed into one stream; each batch takes the next B*T+1 tokens and the
+    stream advances by B*T (the last target of a batch is the first input of the next).
+    masked: targets whose token is not the assistant's are -1. progress = passes over the task
+    started so far as a float (1.0 = this rank has read all its conversations once).
+    """
+    if len(task) < world_size:
+        raise UserError(f"the mixture has {len(task)} conversations, fewer than {world_size} ranks")
+    max_conv_tokens = max_conv_tokens or 10**9
+    ids_buf, mask_buf = deque(), deque()
+    cursor, epoch = rank, 0
+    needed = B * T + 1
+    while True:
+        while len(ids_buf) < needed:
+            ids, mask = tokenizer.render_conversation(task[cursor], max_tokens=max_conv_tokens)
+            ids_buf.extend(ids)
+            mask_buf.extend(mask)
+            cursor += world_size
+            if cursor >= len(task):
+                cursor, epoch = rank, epoch + 1
+        ids = torch.tensor([ids_buf[i] for i in range(needed)], dtype=torch.long)
+        x, y = ids[:-1].view(B, T), ids[1:].clone()
+        if masked:
+            m = torch.tensor([mask_buf[i] for i in range(1, needed)], dtype=torch.bool)
+            y[~m] = -1
+        for _ in range(B * T):
+            ids_buf.popleft()
+            mask_buf.popleft()
+        progress = epoch + (cursor - rank) / len(task)
+        yield x.to(device), y.view(B, T).to(device), progress
+
+
+def training_loss(model, x, y, step):
+    """
+    The loss of one micro-batch and extra scalars to log. The hook for MegaContext: --mc
+    midtraining (a later issue) adds its terms here; its nets go in `extra_modules` in main().
+    """
+    return model(x, y), {}
+
+
+def lr_multiplier(progress):
+    """Constant, then linear decay to 0 over the last 20% of the run (progress in [0, 1])."""
+    return 1.0 if progress < 0.8 else max(0.0, 1.0 - (progress - 0.8) / 0.2)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    try:
+        _train(args, ddp, rank, world_size, device)
+    finally:
+        compute_cleanup()
+
+
+def _train(args, ddp, rank, world_size, device):
+    from nanochat.tokenizer import get_token_bytes
+    master = rank == 0
+    device_type = device.type
+    autocast = autocast_ctx(device_type)
+
+    # ---- model: the base checkpoint (its other nets, e.g. MegaContext's, pass through unchanged)
+    base_dir = checkpoint_dir_for("base", args.model_tag)
+    model_tag = os.path.basename(base_dir)
+    orig_model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=model_tag, step=args.step)
+    passthrough = base_meta.pop("model_data", {})
+    extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
+    model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model
+    token_bytes = get_token_bytes(device)
+    print0(f"loaded base model {model_tag} step {base_meta.get('step')} | parameters: {orig_model.num_params():,}")
+
+    # ---- batch geometry
+    B = args.device_batch_size
+    T = args.max_seq_len if args.max_seq_len > 0 else orig_model.config.sequence_len
+    world_tokens = B * T * world_size
+    total_batch_size = world_tokens if args.total_batch_size == -1 else args.total_batch_size
+    if B < 1 or T < 2 or total_batch_size <= 0 or total_batch_size % world_tokens:
+        raise UserError(f"--total-batch-size {total_batch_size} must be a positive multiple of "
+                        f"device_batch_size * max_seq_len * world_size = {B}*{T}*{world_size} = {world_tokens}")
+    grad_accum_steps = total_batch_size // world_tokens
+    print0(f"tokens per step: {total_batch_size:,} = {B} x {T} x {world_size} ranks x {grad_accum_steps} accumulation")
+
+    # ---- data
+    train_task, val_task = build_mixture(args.mixture, "train"), build_mixture(args.mixture, "val")
+    print0(f"mixture {args.mixture}: {len(train_task):,} train / {len(val_task):,} val conversations "
+           f"| loss on {'assistant tokens' if args.masked_loss else 'all tokens'}")
+    train_loader = packed_batches(train_task, tokenizer, B, T, rank, world_size, bool(args.masked_loss), device)
+    eval_steps = max(1, args.eval_tokens // world_tokens)
+
+    def eval_val_bpb():
+        loader = packed_batches(val_task, tokenizer, B, T, rank, world_size, bool(args.masked_loss), device)
+        orig_model.eval()
+        with autocast:
+            bpb = evaluate_bpb(orig_model, loader, eval_steps, token_bytes)
+        orig_model.train()
+        return bpb
+
+    # ---- optimizers
+    extra_params = [p for m in extra_modules.values() for p in m.parameters()]
+    optimizers = setup_optimizers(orig_model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                  extra_adamw_params=extra_params or None)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    muon = optimizers[1]
+    all_params = list(orig_model.parameters()) + extra_params
+
+    checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
+    user_config = vars(args)
+    wandb_run = init_wandb(args.run, "nanochat-mid", user_config, master)
+    num_iterations = args.num_iterations
+    val_bpb, min_val_bpb, train_loss_value, total_time = None, float("inf"), None, 0.0
+    pbar = tqdm(total=num_iterations if num_iterations > 0 else None, desc="mid_train", unit="step",
+                disable=not master or not sys.stderr.isatty(), dynamic_ncols=True)
+    step, progress = 0, 0.0
+    while True:
+        # a pass over the mixture ends the run when no step count was given; ranks must agree
+        if num_iterations > 0:
+            last_step = step >= num_iterations
+        else:
+            done = torch.tensor(float(progress >= 1.0), device=device)
+            last_step = bool(all_reduce_mean(done).item() > 0) if ddp else progress >= 1.0
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            val_bpb = eval_val_bpb()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+        if last_step:
+            break
+
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum_steps):
+            x, y, progress = next(train_loader)
+            with autocast:
+                loss, extra_logs = training_loss(model, x, y, step)
+            loss_sum += loss.detach()
+            (loss / grad_accum_steps).backward()
+        if ddp:
+            sync_grads(all_params)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip)
+        frac = step / num_iterations if num_iterations > 0 else progress
+        lrm = lr_multiplier(frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        for m in [orig_model, *extra_modules.values()]:
+            m.zero_grad(set_to_none=True)
+        train_loss_value = all_reduce_mean(loss_sum / grad_accum_steps).item()
+        if not math.isfinite(train_loss_value):
+            raise RuntimeError(f"the training loss is {train_loss_value} at step {step}: diverged")
+        dt = time.time() - t0
+        total_time += dt if step > 0 else 0.0
+        step += 1
+        pbar.update(1)
+        msg = (f"step {step:05d} | loss: {train_loss_value:.4f} | lrm: {lrm:.2f} | epoch progress: {progress:.3f} "
+               f"| dt: {dt * 1000:.0f}ms | tok/sec: {int(total_batch_size / dt):,}")
+        if master:
+            tqdm.write(msg) if not pbar.disable else print(msg, flush=True)
+        wandb_run.log({"step": step, "train/loss": train_loss_value, "train/lrm": lrm,
+                       "train/tok_per_sec": int(total_batch_size / dt), **extra_logs})
+    pbar.close()
+
+    meta = {k: v for k, v in base_meta.items() if k not in ("dataloader_state", "loop_state", "user_config")}
+    meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=step,
+                train_loss=train_loss_value, val_bpb=val_bpb, world_size=world_size,
+                device_batch_size=B, max_seq_len=T, source={"stage": "base", "model_tag": model_tag,
+                                                            "step": base_meta.get("step")})
+    model_data = {"gpt": orig_model.state_dict(), **passthrough,
+                  **{n: m.state_dict() for n, m in extra_modules.items()}}
+    save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
+    print0(f"saved {checkpoint_dir} step {step} | min val bpb: {min_val_bpb:.4f} | time: {total_time / 60:.2f}m")
+
+    try:
+        from nanochat.report import get_report
+    except ImportError:  # the report module is optional for this stage
+        get_report = None
+    if get_report is not None and master:
+        get_report().log(section="Midtraining", data=[
+            user_config,
+            {"Number of iterations": step, "Mixture conversations": len(train_task), "DDP world size": world_size},
+            {"Final train loss": train_loss_value, "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb},
+        ])
+    wandb_run.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)
