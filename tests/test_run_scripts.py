@@ -1,0 +1,157 @@
+"""
+run10.sh / speedrun.sh / run1000.sh: `--dry-run` prints the plan and runs nothing; every module the
+plan runs exists, its --help works, and it accepts every flag the plan passes it.
+"""
+import json
+import re
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["run10.sh", "speedrun.sh", "run1000.sh"]
+STAGES = ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train",
+          "scripts.base_loss", "scripts.base_eval", "scripts.mid_train", "scripts.chat_eval --source=mid",
+          "scripts.chat_sft", "scripts.chat_eval --source=sft", "nanochat.report generate"]
+
+
+def dry_run(script, *args, tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home), "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "WANDB_RUN": "myrun"}
+    out = subprocess.run(["bash", os.path.join(REPO, script), "--dry-run", *args], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=60)
+    return out
+
+
+def module_steps(plan):
+    """(module, [flags]) for each `python -m X` / `torchrun ... -m X` line (the venv and pip lines aside)."""
+    steps = []
+    for line in plan.splitlines():
+        words = shlex.split(line.rstrip("&"))
+        if "-m" not in words or words[0] not in ("python", "torchrun"):
+            continue
+        i = words.index("-m")
+        steps.append((words[i + 1], [w.split("=")[0] for w in words[i + 2:] if w.startswith("-")]))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plans")
+    result = {}
+    for script in SCRIPTS:
+        out = dry_run(script, tmp_path=tmp)
+        assert out.returncode == 0, f"{script} --dry-run failed:\n{out.stderr}"
+        result[script] = out.stdout
+    # a dry run creates nothing: no base dir, no home cache
+    assert not (tmp / "base").exists() and not (tmp / "home").exists()
+    return result
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_plan_has_every_stage_in_order(plans, script):
+    plan = plans[script]
+    lines = plan.splitlines()
+    positions = []
+    for stage in STAGES:
+        hits = [i for i, line in enumerate(lines) if stage in line]
+        assert hits, f"{script}: no step for {stage!r} in the plan:\n{plan}"
+        positions.append(hits[0])
+    assert positions == sorted(positions), f"{script}: stages out of order:\n{plan}"
+    # set-up before anything runs: venv, torch before the package, base dir exported
+    assert lines.index(".venv/bin/pip install torch") < lines.index(".venv/bin/pip install -e .")
+    assert any(line.startswith("export NANOCHAT_BASE_DIR=") for line in lines)
+    assert lines.index("wait") < positions[STAGES.index("scripts.base_train")]  # data complete before training
+    # the wandb run name from the environment reaches every training command
+    for stage in ("scripts.base_train", "scripts.mid_train", "scripts.chat_sft"):
+        assert "--run=myrun" in lines[positions[STAGES.index(stage)]]
+
+
+def test_gpu_counts_and_sizes(plans):
+    def base_train_line(script):
+        return next(line for line in plans[script].splitlines() if "scripts.base_train" in line)
+    assert base_train_line("run10.sh").startswith("python -m scripts.base_train")
+    for script, depth in (("speedrun.sh", 20), ("run1000.sh", 32)):
+        line = base_train_line(script)
+        assert line.startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train")
+        assert f"--depth={depth}" in line
+    assert "--depth=10" in base_train_line("run10.sh")
+
+
+def test_every_step_runs_help_and_accepts_its_flags(plans):
+    steps = [s for script in SCRIPTS for s in module_steps(plans[script])]
+    modules = sorted({m for m, _ in steps})
+    assert {"scripts.tok_train", "scripts.base_train", "scripts.chat_sft", "nanochat.report"} <= set(modules)
+    # one interpreter runs every module's --help (torch is imported once, not once per module)
+    probe = (
+        "import contextlib, io, json, runpy, sys\n"
+        "res = {}\n"
+        "for mod in json.loads(sys.argv[1]):\n"
+        "    sys.argv = [mod, '--help']\n"
+        "    buf = io.StringIO()\n"
+        "    code = 'no exit'\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(buf):\n"
+        "            runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
+        "    except SystemExit as e:\n"
+        "        code = e.code or 0\n"
+        "    except Exception as e:\n"
+        "        code = repr(e)\n"
+        "    res[mod] = [code, buf.getvalue()]\n"
+        "print(json.dumps(res))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(modules)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for mod in modules:
+        code, help_text = results[mod]
+        assert code == 0, f"python -m {mod} --help exited with {code}"
+        assert "usage:" in help_text
+    for mod, flags in steps:
+        for flag in flags:
+            assert re.search(re.escape(flag) + r"(?![\w-])", results[mod][1]), \
+                f"the plan passes {flag} to {mod}, whose --help does not list it"
+
+
+def test_mc_flag_and_bad_arguments(tmp_path):
+    for script in SCRIPTS:
+        plain, mc = dry_run(script, tmp_path=tmp_path), dry_run(script, "--mc", tmp_path=tmp_path)
+        assert mc.returncode == 0, mc.stderr
+        # --mc keeps the whole pipeline; it may only add flags to the training commands
+        assert [m for m, _ in module_steps(mc.stdout)] == [m for m, _ in module_steps(plain.stdout)]
+        bad = dry_run(script, "--nope", tmp_path=tmp_path)
+        assert bad.returncode == 2 and "unknown argument: --nope" in bad.stderr
+    h = subprocess.run(["bash", os.path.join(REPO, "speedrun.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert h.returncode == 0 and "--dry-run" in h.stdout and "--mc" in h.stdout
+
+
+def _bin_dir(tmp_path, gpus):
+    """A PATH holding only what the scripts' machine check needs, plus a fake nvidia-smi listing
+    `gpus` GPUs (none at all when gpus is None)."""
+    import shutil
+    b = tmp_path / f"bin{gpus}"
+    b.mkdir()
+    for tool in ("dirname", "grep"):
+        os.symlink(shutil.which(tool), b / tool)
+    if gpus is not None:
+        lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})\\n" for i in range(gpus))
+        (b / "nvidia-smi").write_text(f"#!{shutil.which('bash')}\nprintf '{lines}'\n")
+        (b / "nvidia-smi").chmod(0o755)
+    return str(b)
+
+
+@pytest.mark.parametrize("gpus, message", [(None, "no NVIDIA GPU found"),
+                                           (1, "speedrun.sh uses 8 GPUs but this machine has 1")])
+def test_real_run_checks_the_gpus_first(tmp_path, gpus, message):
+    """Without --dry-run, a machine without enough GPUs is refused at once, with one clear line."""
+    import shutil
+    env = {"PATH": _bin_dir(tmp_path, gpus), "HOME": str(tmp_path), "NANOCHAT_BASE_DIR": str(tmp_path / "b")}
+    out = subprocess.run([shutil.which("bash"), os.path.join(REPO, "speedrun.sh")], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not (tmp_path / "b").exists()
