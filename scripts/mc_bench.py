@@ -1,0 +1,204 @@
+"""
+MegaContext cost benchmark (DESIGN.md section 10): per-token decode time and resident memory at
+growing history lengths with a fixed working-context budget, against plain full-KV decoding where
+it fits; ingest throughput; tree bytes per token on disk; refocus cost, incremental vs full recompute.
+
+    python -m scripts.mc_bench                       # random-init depth-2 model, 1e3 .. 1e6 tokens, CPU ok
+    python -m scripts.mc_bench --source sft --out report/mc_bench.json
+
+The history is random token ids (cost does not depend on content). Decode runs the real session
+loop: every generated token is appended to the on-disk tree, refocus runs every K tokens, and the
+KV cache recomputes only from the first edited slot.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
+
+
+def rss_mb():
+    """Current resident set size in MB (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync_device(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_session(args, device, memory_dir):
+    from megacontext.config import MCConfig
+    from megacontext.gistnet import GistNet
+    from megacontext.lensnet import LensNet
+    from megacontext.runtime import MCSession
+    from nanochat.gpt import GPT, config_from_depth
+    torch.manual_seed(0)
+    cfg = MCConfig(budget=args.budget)
+    gpt = GPT(config_from_depth(args.depth, args.vocab, 2 * args.budget))
+    gpt.init_weights()
+    gistnet = GistNet(gpt.config.n_embd, cfg, gpt.config.n_head)
+    lensnet = LensNet(gpt.config.n_embd, cfg)
+    return MCSession(gpt, gistnet, lensnet, None, cfg, memory_dir=memory_dir, device=device)
+
+
+def time_decode(session, n_tokens, rounds, device):
+    """Median over rounds of the mean ms per generated token (the session's full decode loop)."""
+    list(session.generate_ids(8, stop=False))  # warm-up: the first sync after an ingest is a full prefill
+    means = []
+    for _ in range(rounds):
+        sync_device(device)
+        t0 = time.perf_counter()
+        for _ in session.generate_ids(n_tokens, stop=False):
+            pass
+        sync_device(device)
+        means.append((time.perf_counter() - t0) * 1000 / n_tokens)
+    return float(np.median(means))
+
+
+@torch.no_grad()
+def time_full_kv(gpt, ids, n_tokens, rounds, device, chunk=2048):
+    """Plain decoding with a KV cache over the whole history (prefilled in chunks): ms per token."""
+    kv = gpt.new_kv_cache(1, seq_len=len(ids) + n_tokens * rounds + 8)
+    x = torch.as_tensor(ids, device=device)[None]
+    for a in range(0, x.size(1), chunk):
+        logits = gpt(x[:, a:a + chunk], kv_cache=kv)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    means = []
+    for _ in range(rounds):
+        sync_device(device)
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            tok = gpt(tok, kv_cache=kv)[:, -1].argmax(-1, keepdim=True)
+        sync_device(device)
+        means.append((time.perf_counter() - t0) * 1000 / n_tokens)
+    del kv
+    return float(np.median(means))
+
+
+def refocus_speedup(session, rng, n_events, device):
+    """After each of n_events refocus points (K new tokens), time the incremental K/V sync and a full recompute."""
+    incr = full = 0.0
+    slots = []
+    for _ in range(n_events):
+        session.kv.sync(session.wc, session.tree)
+        session.ingest(rng.integers(0, session.tree.vocab_size, session.K - session.since_refocus))  # ends in a refocus
+        sync_device(device)
+        t0 = time.perf_counter()
+        slots.append(session.kv.sync(session.wc, session.tree))
+        sync_device(device)
+        t1 = time.perf_counter()
+        session.kv.reset()
+        session.kv.sync(session.wc, session.tree)
+        sync_device(device)
+        incr += t1 - t0
+        full += time.perf_counter() - t1
+    return full / max(incr, 1e-9), float(np.mean(slots)), len(session.kv)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="MegaContext cost benchmark: decode ms/token vs history length "
+                                                 "at a fixed budget, against plain full-KV decoding.")
+    parser.add_argument("--out", default=None, help="JSON output (default: $NANOCHAT_BASE_DIR/report/mc_bench.json)")
+    parser.add_argument("--source", default=None, choices=["base", "mid", "sft"],
+                        help="benchmark a checkpoint with MegaContext weights (default: a random-init model)")
+    parser.add_argument("--model-tag", default=None)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=2, help="random-init model depth (default 2)")
+    parser.add_argument("--vocab", type=int, default=8192, help="random-init model vocabulary (default 8192)")
+    parser.add_argument("--budget", type=int, default=512, help="working-context budget W_max (default 512)")
+    parser.add_argument("--histories", default="1e3,1e4,1e5,1e6", help="comma list of history lengths in tokens")
+    parser.add_argument("--decode-tokens", type=int, default=96, help="tokens timed per round (default 96)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the median is reported")
+    parser.add_argument("--full-kv-max", type=int, default=1 << 15,
+                        help="longest history for the full-KV baseline (null beyond; default 32768)")
+    parser.add_argument("--refocus-events", type=int, default=16)
+    parser.add_argument("--memory-dir", default=None, help="where the tree goes (default: a temporary directory)")
+    parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: autodetect)")
+    args = parser.parse_args(argv)
+    try:
+        histories = sorted({int(float(h)) for h in args.histories.split(",") if h.strip()})
+    except ValueError:
+        raise UserError(f"--histories must be a comma list of numbers, got {args.histories!r}") from None
+    if not histories or histories[0] < 1 or args.decode_tokens < 1 or args.rounds < 1:
+        raise UserError("--histories must be positive and --decode-tokens/--rounds >= 1")
+    out = args.out or os.path.join(get_base_dir(), "report", "mc_bench.json")
+    device = torch.device(args.device or autodetect_device_type())
+    tmp = None
+    if args.memory_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="mc_bench_")
+        args.memory_dir = os.path.join(tmp.name, "mem")
+    if os.path.exists(os.path.join(args.memory_dir, "session.json")):
+        raise UserError(f"{args.memory_dir} already holds a memory: the benchmark needs a fresh directory")
+    if args.source:
+        from megacontext.runtime import MCSession
+        s = MCSession.load(args.source, args.model_tag, args.step, device, args.budget, memory_dir=args.memory_dir)
+    else:
+        s = random_session(args, device, args.memory_dir)
+    rng = np.random.default_rng(0)
+    V = s.tree.vocab_size
+    res = {"config": {"device": str(device), "n_layer": s.gpt.config.n_layer, "n_embd": s.gpt.config.n_embd,
+                      "vocab": V, "budget": s.cfg.budget, "block_size": s.K, "max_level": s.cfg.max_level,
+                      "positions": s.cfg.positions, "decode_tokens": args.decode_tokens, "rounds": args.rounds,
+                      "source": args.source or "random-init", "torch_threads": torch.get_num_threads()},
+           "decode_ms_per_token": {}, "rss_mb": {}, "wc": {}}
+    ingest_tok = ingest_s = 0.0
+    print(f"device {device}, GPT depth {s.gpt.config.n_layer} width {s.gpt.config.n_embd}, budget {s.cfg.budget}")
+    for H in histories:
+        n = H - s.num_tokens
+        if n > 0:
+            ids = rng.integers(0, V, n)
+            t0 = time.perf_counter()
+            s.ingest(ids, progress=n > (1 << 17))
+            sync_device(device)
+            ingest_s += time.perf_counter() - t0
+            ingest_tok += n
+        mc = time_decode(s, args.decode_tokens, args.rounds, device)
+        res["rss_mb"][str(H)] = round(rss_mb(), 1)
+        st = s.stats()
+        res["wc"][str(H)] = {"wc_cost": st["wc_cost"], "entries": st["wc_entries"],
+                             "level_counts": {str(k): v for k, v in st["level_counts"].items()}}
+        full = None
+        if H <= args.full_kv_max:
+            full = time_full_kv(s.gpt, s.tree.tokens(0, H), args.decode_tokens, args.rounds, device)
+        res["decode_ms_per_token"][str(H)] = {"megacontext": round(mc, 3), "full_kv": None if full is None else round(full, 3)}
+        print(f"history {H:>9,d}: megacontext {mc:7.2f} ms/tok   full-KV "
+              f"{'   n/a' if full is None else f'{full:7.2f}'} ms/tok   rss {res['rss_mb'][str(H)]:.0f} MB   "
+              f"wc {st['wc_cost']}/{st['budget']} ({st['wc_entries']} entries)")
+    res["ingest_tok_per_s"] = round(ingest_tok / max(ingest_s, 1e-9), 1)
+    s.tree.flush()
+    res["bytes_per_token"] = round(s.tree.disk_bytes() / s.num_tokens, 3)
+    speedup, mean_slots, T = refocus_speedup(s, rng, args.refocus_events, device)
+    res["refocus_speedup"] = round(speedup, 2)
+    res["refocus_slots_recomputed"] = {"mean": round(mean_slots, 1), "of": T}
+    first, last = str(histories[0]), str(histories[-1])
+    ratio = res["decode_ms_per_token"][last]["megacontext"] / res["decode_ms_per_token"][first]["megacontext"]
+    res["decode_ratio_last_first"] = round(ratio, 3)
+    print(f"ingest {res['ingest_tok_per_s']:,.0f} tok/s, {res['bytes_per_token']:.2f} bytes/token on disk, "
+          f"refocus incremental vs full recompute {speedup:.2f}x ({mean_slots:.0f} of {T} slots recomputed), "
+          f"t({last})/t({first}) = {ratio:.2f} (target <= 1.2)")
+    s.close()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {out}")
+    if tmp is not None:
+        tmp.cleanup()
+    return res
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,258 @@
+"""MCSession: long prompts within budget, exact incremental decoding, nll, chat, persistence across processes, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext.config import MCConfig
+from megacontext.gistnet import GistNet
+from megacontext.lensnet import LensNet
+from megacontext.runtime import MCSession, SessionError
+from megacontext.working_context import check_invariants, materialize
+from nanochat.common import UserError
+from nanochat.gpt import GPT, config_from_depth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(**kw):
+    base = dict(block_size=4, max_level=4, budget=48, tail_tokens=8, lens_dim=32, lens_heads=4, tau=0.1)
+    base.update(kw)
+    return MCConfig(**base)
+
+
+def randomise(module, scale=0.3):
+    """Non-trivial weights: nanochat zero-inits residual projections (and GistNet its head)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("c_proj.weight") or name == "head.weight":
+                p.uniform_(-scale, scale)
+    return module
+
+
+def tiny_nets(cfg, vocab, seed=0):
+    torch.manual_seed(seed)
+    gpt = GPT(config_from_depth(1, vocab, 128, aspect_ratio=32, head_dim=16))
+    gpt.init_weights()
+    randomise(gpt)
+    gistnet = randomise(GistNet(gpt.config.n_embd, cfg, gpt.config.n_head))
+    lensnet = randomise(LensNet(gpt.config.n_embd, cfg))
+    with torch.no_grad():
+        lensnet.key.weight.mul_(4.0)  # strong enough scores that LensNet asks for edits
+    return gpt.eval(), gistnet.eval(), lensnet.eval()
+
+
+@pytest.fixture
+def tok(tiny_base_env):
+    from nanochat.tokenizer import get_tokenizer
+    return get_tokenizer()
+
+
+def make_session(tok, cfg=None, seed=0, memory_dir=None):
+    cfg = cfg or tiny_cfg()
+    gpt, gistnet, lensnet = tiny_nets(cfg, tok.get_vocab_size(), seed)
+    return MCSession(gpt, gistnet, lensnet, tok, cfg, memory_dir=memory_dir, device="cpu")
+
+
+def text_of(tokens, tok, docs):
+    out, n = [], 0
+    for d in docs:
+        out.append(d)
+        n += len(tok.encode(d))
+        if n >= tokens:
+            break
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("positions", ["slot", "gaussian"])
+def test_long_prompt_is_answered_within_budget_and_decoding_is_exact(tok, tiny_docs, positions):
+    s = make_session(tok, tiny_cfg(positions=positions))
+    s.kv.check_exact = True  # every sync is compared with a full recompute (fp32, 1e-4)
+    prompt = text_of(20 * s.cfg.budget, tok, tiny_docs)
+    n_prompt = len(tok.encode(prompt))
+    assert n_prompt >= 20 * s.cfg.budget
+    answer = s.generate(prompt, max_tokens=20)
+    assert isinstance(answer, str)
+    st = s.stats()
+    assert n_prompt < st["num_tokens"] <= n_prompt + 20  # prompt and answer are in the memory
+    assert st["wc_cost"] <= st["budget"] == 48
+    check_invariants(s.wc, s.cfg, s.cfg.budget)
+    # more turns: incremental ingest (refocus every K tokens) and decode stay exact and within budget
+    for i in range(3):
+        before = s.refocus_count
+        n = s.ingest(tok.encode(tiny_docs[i])[:45])  # <= budget: appended a block at a time
+        assert s.refocus_count - before >= n // s.K
+        s.generate(" question", max_tokens=10, temperature=0.8, top_k=20, seed=i)
+        assert s.stats()["wc_cost"] <= 48
+    assert s.edit_count > 0 and s.kv.syncs > 30
+    # decode is incremental: far fewer slots computed than one full recompute per token
+    assert s.kv.recomputed < s.kv.syncs * s.cfg.budget / 2
+    assert s.stats()["level_counts"].get(3, 0) > 0  # a ~10k-token history reaches level 3 at K=4
+
+
+def test_nll_matches_reference_and_does_not_append(tok, tiny_docs):
+    s = make_session(tok)
+    s.ingest_text(tiny_docs[0])
+    before = s.stats()
+    text = " the king and the queen of the castle"
+    got = s.nll(text)
+    assert s.stats() == before
+    # reference: the materialized WC followed by the text's tokens as raw slots, one forward
+    ids = tok.encode(text)
+    mat = materialize(s.wc, s.tree, s.gpt.transformer.wte, s.cfg)
+    x = torch.cat([mat.embeds[0], s.gpt.transformer.wte(torch.tensor(ids[:-1]))])[None]
+    T = mat.embeds.size(1)
+    with torch.no_grad():
+        logits = s.gpt(inputs_embeds=x, pos=torch.arange(x.size(1), dtype=torch.float32)[None])[0]
+    ref = torch.nn.functional.cross_entropy(logits[T - 1:], torch.tensor(ids)).item()
+    assert abs(got - ref) < 1e-4
+    assert 0 < got < 2 * np.log(tok.get_vocab_size())
+    assert s.nll(text) == pytest.approx(got, abs=1e-6)  # repeatable: the cache was restored
+    with pytest.raises(SessionError, match="budget"):
+        s.nll(" king" * 200)
+
+
+def test_chat_turns_are_rendered_into_memory(tok):
+    s = make_session(tok)
+    s.add_turn("user", "hello there")
+    s.add_turn("assistant", "hi")
+    n0 = s.num_tokens
+    pieces = list(s.chat("what is the key?", max_tokens=5))
+    ids = s.tree.tokens(0, s.num_tokens).tolist()
+    sp = tok.encode_special
+    assert ids[0] == tok.get_bos_token_id() and ids.count(sp("<|user_start|>")) == 2
+    user = [sp("<|user_start|>")] + tok.encode("what is the key?") + [sp("<|user_end|>"), sp("<|assistant_start|>")]
+    assert ids[n0:n0 + len(user)] == user
+    assert ids[-1] == sp("<|assistant_end|>")  # the turn is closed even when max_tokens cut it
+    answer = ids[n0 + len(user):]
+    assert "".join(pieces) == tok.decode([t for t in answer if t != sp("<|assistant_end|>")])
+
+
+def test_bad_inputs_raise_clear_errors(tok, tmp_path):
+    s = make_session(tok)
+    for bad in ("", "   ", []):
+        with pytest.raises(ValueError, match="empty"):
+            s.generate(bad)
+    with pytest.raises(SessionError, match="memory is empty"):
+        list(s.generate_ids(3))
+    with pytest.raises(SessionError, match="no memory_dir"):
+        s.save()
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        s.ingest([10 ** 6])
+    # a directory that holds something else is not silently reused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hi")
+    with pytest.raises(SessionError, match="not empty"):
+        make_session(tok, memory_dir=str(other))
+
+
+def test_memory_identity_and_corruption_errors(tok, tiny_docs, tmp_path):
+    d = str(tmp_path / "mem")
+    s = make_session(tok, memory_dir=d)
+    s.ingest_text(tiny_docs[1])
+    s.save()
+    s.close()
+    with pytest.raises(SessionError, match="different model"):
+        make_session(tok, seed=1, memory_dir=d)
+    with pytest.raises(SessionError, match="block_size"):
+        make_session(tok, cfg=tiny_cfg(block_size=8, tail_tokens=8), memory_dir=d)
+    reopened = make_session(tok, memory_dir=d)  # same weights: fine
+    assert reopened.stats()["num_tokens"] == s.stats()["num_tokens"]
+    reopened.close()
+    # corrupted session.json
+    bad = str(tmp_path / "bad")
+    shutil.copytree(d, bad)
+    with open(os.path.join(bad, "session.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(SessionError, match="corrupted"):
+        make_session(tok, memory_dir=bad)
+    # session.json that claims more history than the tree holds
+    state = json.load(open(os.path.join(d, "session.json")))
+    state["wc"]["num_tokens"] += 1000
+    bad2 = str(tmp_path / "bad2")
+    shutil.copytree(d, bad2)
+    json.dump(state, open(os.path.join(bad2, "session.json"), "w"))
+    with pytest.raises(SessionError, match="corrupted"):
+        make_session(tok, memory_dir=bad2)
+    # a damaged tree file
+    bad3 = str(tmp_path / "bad3")
+    shutil.copytree(d, bad3)
+    with open(os.path.join(bad3, "tree", "L0.ctx"), "r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(UserError):
+        make_session(tok, memory_dir=bad3)
+
+
+def write_checkpoint(base, cfg, nets, source_dir="base_checkpoints", with_mc=True):
+    from nanochat.checkpoint_manager import save_checkpoint
+    gpt, gistnet, lensnet = nets
+    model_data = {"gpt": gpt.state_dict()}
+    meta = {"model_config": asdict(gpt.config), "step": 0}
+    if with_mc:
+        model_data.update(gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict())
+        meta["mc_config"] = cfg.to_dict()
+    save_checkpoint(os.path.join(base, source_dir, "d1"), 0, model_data, None, meta)
+
+
+def test_load_needs_megacontext_weights(tok, tiny_base_env):
+    cfg = tiny_cfg()
+    write_checkpoint(tiny_base_env, cfg, tiny_nets(cfg, tok.get_vocab_size()), with_mc=False)
+    with pytest.raises(UserError, match="has no MegaContext weights.*train with --mc"):
+        MCSession.load(source="base", device="cpu")
+
+
+CHILD = """
+import json, sys
+from megacontext.runtime import MCSession
+s = MCSession.open(sys.argv[1], device="cpu")
+stats = s.stats()
+ids = list(s.generate_ids(max_tokens=int(sys.argv[2]), stop=False))
+print(json.dumps({"stats": stats, "ids": ids, "after": s.stats()}))
+"""
+
+
+def test_saved_session_continues_identically_in_a_new_process(tok, tiny_base_env, tiny_docs, tmp_path):
+    cfg = tiny_cfg()
+    write_checkpoint(tiny_base_env, cfg, tiny_nets(cfg, tok.get_vocab_size(), seed=7))
+    d1, d2 = str(tmp_path / "mem"), str(tmp_path / "copy")
+    s = MCSession.load(source="base", device="cpu", memory_dir=d1)
+    s.ingest_text(text_of(3000, tok, tiny_docs))
+    list(s.generate_ids(6, stop=False))
+    s.ingest_text(tiny_docs[5][:50])  # ends mid-block: the refocus counter must persist too
+    s.save()
+    shutil.copytree(d1, d2)  # the snapshot the new process opens; s keeps going in d1
+    saved = json.loads(json.dumps(s.stats()))
+    ids = list(s.generate_ids(max_tokens=40, stop=False))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", CHILD, d2, "40"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child["stats"] == saved
+    assert child["ids"] == ids
+    assert child["after"] == json.loads(json.dumps(s.stats()))
+    assert saved["refocus_count"] > 0 and saved["wc_cost"] <= cfg.budget and saved["num_tokens"] >= 3000
+
+
+def test_mc_bench_writes_the_documented_json(tmp_path, monkeypatch):
+    from scripts import mc_bench
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    res = mc_bench.main(["--histories", "300,3000", "--depth", "1", "--vocab", "256", "--budget", "192",
+                         "--decode-tokens", "8", "--rounds", "1", "--refocus-events", "2", "--full-kv-max", "1000",
+                         "--device", "cpu"])
+    out = json.load(open(tmp_path / "base" / "report" / "mc_bench.json"))
+    assert out == json.loads(json.dumps(res))
+    assert set(out["decode_ms_per_token"]) == {"300", "3000"}
+    assert out["decode_ms_per_token"]["300"]["full_kv"] > 0 and out["decode_ms_per_token"]["3000"]["full_kv"] is None
+    assert out["decode_ms_per_token"]["3000"]["megacontext"] > 0
+    assert out["ingest_tok_per_s"] > 0 and out["refocus_speedup"] > 0 and set(out["rss_mb"]) == {"300", "3000"}
+    # L0 stores 4-byte ids; gists add 2 * 64 bytes per 32 tokens at level 1 (fp16): ~8 bytes/token
+    assert 4 < out["bytes_per_token"] < 12
+    assert all(w["wc_cost"] <= 192 for w in out["wc"].values())
