@@ -29,6 +29,14 @@ class MCConfig:
     lens_dim: int = 128           # LensNet's own width
     lens_layers: int = 2
     lens_heads: int = 4
+    # --- end-to-end training objective (objective.py) ---
+    train_hist_budget: int = 0    # B_h: cost of a history's WC in training; 0: max(budget // 2, tail + K)
+    train_min_target: int = 64    # shortest target segment [s, T) after the block-aligned split s
+    train_variants: str = "pyramid,random,lens,truncate"  # WC variants of the history, one forward each
+    train_plain_lm: float = 0.25  # share of steps that train plain full-detail LM only (base quality)
+    lens_weight: float = 1.0      # weight of LensNet's (listwise + binary) loss in the total
+    lens_cands: int = 0           # counterfactual expansions per row (0: every gist of the context)
+    lens_temp: float = 1.0        # nats: binary target = sigmoid(delta_nll / lens_temp)
 
     def __post_init__(self):
         self.validate()
@@ -58,6 +66,25 @@ class MCConfig:
             bad("max_edits must be >= 1 and cooldown >= 0")
         if self.lens_dim % self.lens_heads:
             bad(f"lens_dim ({self.lens_dim}) must be divisible by lens_heads ({self.lens_heads})")
+
+        if self.train_hist_budget and not (self.tail_tokens + self.block_size <= self.train_hist_budget
+                                           <= self.budget):
+            bad(f"train_hist_budget ({self.train_hist_budget}) must lie in [tail_tokens + block_size, budget] "
+                f"= [{self.tail_tokens + self.block_size}, {self.budget}]")
+        if self.train_min_target < 1:
+            bad(f"train_min_target must be >= 1, got {self.train_min_target}")
+        known = ("pyramid", "random", "lens", "truncate")
+        names = [v for v in self.train_variants.split(",") if v]
+        if not names or any(v not in known for v in names):
+            bad(f"train_variants must be a comma list of {known}, got {self.train_variants!r}")
+        if not 0 <= self.train_plain_lm <= 1:
+            bad(f"train_plain_lm must be in [0, 1], got {self.train_plain_lm}")
+        if self.lens_weight < 0 or self.lens_cands < 0 or self.lens_temp <= 0:
+            bad("lens_weight and lens_cands must be >= 0 and lens_temp > 0")
+
+    def hist_budget(self):
+        """B_h, the training history budget, with the 0 default resolved."""
+        return self.train_hist_budget or max(self.budget // 2, self.tail_tokens + self.block_size)
 
     def to_dict(self):
         return asdict(self)

@@ -1,0 +1,421 @@
+"""
+The end-to-end MegaContext training objective (DESIGN.md section 8).
+
+One step on a batch x, y (B, T) of next-token pairs (y[:, t] = x[:, t + 1], -1 = no loss):
+1. split at a block-aligned s: history x[:, :s], target inputs x[:, s:] with labels y[:, s:]
+   (the input at position t predicts token t + 1: labels come from y, never from x);
+2. GistNet builds all gist levels of the histories, batched and WITH gradient (`build_gists`);
+3. WC variants of each history under the budget B_h: recency pyramid, a random level mix,
+   LensNet-driven focus, and raw truncation (the history cut to its newest B_h tokens);
+4. one packed GPT forward over every (variant, row): `[WC(history) ; target segment]`, next-token
+   loss on the target segment only; the loss reaches GPT and GistNet (gists are not detached);
+5. LensNet from counterfactuals: for a base WC with room for one more expansion, the NLL change
+   when each single gist is expanded (no grad) gives delta_nll (> 0: the expansion helps); LensNet
+   scores the base WC WITH grad and learns a listwise softmax over every legal entry (target = the
+   counterfactual best) plus a per-entry binary loss (target sigmoid(delta / lens_temp)); illegal
+   entries (raw blocks) are masked; its loss flows into GistNet through the entry embeddings.
+A share `train_plain_lm` of steps trains plain full-detail LM instead, so base quality holds.
+
+Level-2 salience: level-2 gists in a base WC are counterfactual candidates like any other gist (their
+expansion is scored by delta_nll), so LensNet learns coarse scores; the explicit coarse / fine /
+redirect curriculum of the v2 prototype is not implemented here.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megacontext.allocator import Edit, apply_edits
+from megacontext.gistnet import GistLevels, build_gists
+from megacontext.positions import wc_positions
+from megacontext.telemetry import PhaseTimer
+from megacontext.working_context import (WorkingContext, all_raw, coarsest_tiling, entry_spans, min_cost,
+                                         recency_pyramid, tail_start, wc_cost, wc_slot_embeddings)
+
+LISTWISE_TEMP = 0.1  # LensNet scores lie in (-1, 1); the listwise softmax reads score / 0.1
+
+
+# -----------------------------------------------------------------------------
+# splitting and building working-context variants (pure, numpy)
+
+def split_point(T, cfg, rng):
+    """A block-aligned history length s with at least train_min_target tokens after it; prefers
+    histories with at least one gist (s >= tail_tokens + K) when T allows."""
+    K = cfg.block_size
+    hi = (T - cfg.train_min_target) // K
+    if hi < 1:
+        raise ValueError(f"sequences of {T} tokens are too short for a history block plus a target segment "
+                         f"of {cfg.train_min_target} tokens (block_size {K})")
+    lo = min(hi, (cfg.tail_tokens + K) // K + 1)
+    return K * int(rng.integers(lo, hi + 1))
+
+
+def _as_rng(rng):
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def coarsest_wc(num_tokens, cfg, max_level=None):
+    """The cheapest legal WC: the coarsest aligned tiling (levels <= max_level) + the raw tail."""
+    K = cfg.block_size
+    ts = tail_start(num_tokens, cfg)
+    lv, ix = coarsest_tiling(ts, max_level or cfg.max_level, K)
+    nb = -(-num_tokens // K)
+    return WorkingContext(np.concatenate([lv, np.zeros(nb - ts // K, np.int64)]),
+                          np.concatenate([ix, np.arange(ts // K, nb, dtype=np.int64)]), num_tokens)
+
+
+def expand(wc, j, cfg):
+    """The WC with its entry j (a gist) expanded into its children."""
+    return apply_edits(wc, [Edit("expand", int(wc.levels[j]), int(wc.indices[j]))], cfg)
+
+
+def random_mix(num_tokens, budget, cfg, rng):
+    """A random level mix: the coarsest WC, then random gists expanded while the budget allows."""
+    K = cfg.block_size
+    wc = coarsest_wc(num_tokens, cfg)
+    cost = wc_cost(wc, K)
+    while cost + K - 1 <= budget:
+        gist = np.flatnonzero(wc.levels >= 1)
+        if len(gist) == 0:
+            break
+        wc = expand(wc, int(rng.choice(gist)), cfg)
+        cost += K - 1
+    return wc
+
+
+def focus_wc(base, budget, cfg, score_fn, max_passes=8):
+    """LensNet-driven focus: from `base`, repeatedly expand the best-scored gists that fit the budget
+    (up to max_edits per pass, rescoring in between, so a level-2 gist can reach raw tokens)."""
+    K = cfg.block_size
+    wc = base
+    for _ in range(max_passes):
+        room = (budget - wc_cost(wc, K)) // (K - 1)
+        gist = np.flatnonzero(wc.levels >= 1)
+        if room < 1 or len(gist) == 0:
+            break
+        scores = np.asarray(score_fn(wc), dtype=np.float64)
+        best = gist[np.argsort(-scores[gist], kind="stable")][:min(room, cfg.max_edits)]
+        wc = apply_edits(wc, [Edit("expand", int(wc.levels[j]), int(wc.indices[j])) for j in best], cfg)
+    return wc
+
+
+# -----------------------------------------------------------------------------
+# packing [history part ; target segment] rows for one GPT forward
+
+@dataclass
+class HistPart:
+    embeds: torch.Tensor        # (n, d) history slots
+    pos: torch.Tensor           # (n,) float32
+    sigma: torch.Tensor = None  # (n,) float32 for the gaussian scheme
+
+
+@dataclass
+class Packed:
+    embeds: torch.Tensor        # (R, T, d), right-padded
+    pos: torch.Tensor           # (R, T)
+    sigma: torch.Tensor         # (R, T) or None
+    labels: torch.Tensor        # (R, T) long: -1 on history slots and padding, next tokens on targets
+    hist_lens: list             # slots taken by each row's history
+
+
+def wc_part(wc, reader, wte, cfg):
+    pos, sigma = wc_positions(wc, cfg.block_size, cfg.positions)
+    return HistPart(wc_slot_embeddings(wc, reader, wte, cfg), pos, sigma)
+
+
+def raw_suffix_part(hist_ids, keep, wte, cfg):
+    """Truncation: the newest `keep` tokens of a history, raw (keep = 0: no context at all)."""
+    s = hist_ids.numel()
+    keep = min(keep, s)
+    emb = wte(hist_ids[s - keep:])
+    if cfg.positions == "slot":
+        return HistPart(emb, torch.arange(keep, dtype=torch.float32))
+    return HistPart(emb, torch.arange(s - keep, s, dtype=torch.float32), torch.zeros(keep))
+
+
+def pack(parts, tgt_ids, tgt_labels, s, wte, cfg):
+    """
+    Rows `[part_r ; target_r]`. tgt_ids (R, m) are the target segment's inputs x[s:], tgt_labels (R, m)
+    their next tokens y[s:]. Target positions continue the history: slot n_r + j, or the absolute
+    token position s + j (sigma 0, exact RoPE) under the gaussian scheme.
+    """
+    R, m = tgt_ids.shape
+    tgt = wte(tgt_ids)
+    lens = [p.embeds.size(0) for p in parts]
+    T = max(lens) + m
+    d = tgt.size(-1)
+    device = tgt.device
+    gaussian = cfg.positions == "gaussian"
+    embeds, pos, sigma = [], torch.zeros(R, T), torch.zeros(R, T) if gaussian else None
+    labels = torch.full((R, T), -1, dtype=torch.long, device=device)
+    for r, (p, n) in enumerate(zip(parts, lens)):
+        embeds.append(torch.cat([p.embeds.to(tgt.dtype), tgt[r], tgt.new_zeros(T - n - m, d)]))
+        pos[r, :n] = p.pos
+        pos[r, n:n + m] = (s if gaussian else n) + torch.arange(m, dtype=torch.float32)
+        if gaussian and n:
+            sigma[r, :n] = p.sigma
+        labels[r, n:n + m] = tgt_labels[r]
+    return Packed(torch.stack(embeds), pos.to(device), None if sigma is None else sigma.to(device), labels, lens)
+
+
+def row_nll(gpt, packed):
+    """(sum of next-token NLL over each row's labelled target tokens (R,), label counts (R,))."""
+    R, T = packed.labels.shape
+    losses = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma,
+                 targets=packed.labels, loss_reduction="none").view(R, T)
+    return losses.sum(1), (packed.labels != -1).sum(1)
+
+
+def chunked_row_nll(gpt, parts, tgt_ids, tgt_labels, s, wte, cfg, chunk=64):
+    sums, counts = [], []
+    for i in range(0, len(parts), chunk):
+        p = pack(parts[i:i + chunk], tgt_ids[i:i + chunk], tgt_labels[i:i + chunk], s, wte, cfg)
+        a, b = row_nll(gpt, p)
+        sums.append(a)
+        counts.append(b)
+    return torch.cat(sums), torch.cat(counts)
+
+
+# -----------------------------------------------------------------------------
+# LensNet targets and losses
+
+def lens_targets(delta, temp):
+    """Binary targets in (0, 1), increasing with delta_nll (the NLL drop an expansion buys)."""
+    return torch.sigmoid(torch.as_tensor(delta, dtype=torch.float32) / temp)
+
+
+def lens_loss(scores, delta, legal, temp):
+    """
+    scores (B, W) LensNet outputs in (-1, 1); delta (B, W) counterfactual NLL drops; legal (B, W)
+    bool (a counterfactual exists). Listwise: softmax(score / 0.1) over each row's legal entries with
+    target = the row's best expansion; binary: BCE of (score + 1) / 2 against sigmoid(delta / temp).
+    Rows with fewer than two legal entries, or all deltas tied, contribute only the binary term.
+    """
+    delta = delta.to(scores.device, torch.float32)
+    legal = legal.to(scores.device)
+    masked = torch.where(legal, scores / LISTWISE_TEMP, torch.full_like(scores, -1e4))
+    best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).argmax(1)
+    lo = torch.where(legal, delta, torch.full_like(delta, float("inf"))).min(1).values
+    hi = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
+    rows = (legal.sum(1) >= 2) & (hi - lo > 1e-3)  # a tie (e.g. context is useless) has no best entry
+    listwise = F.cross_entropy(masked[rows], best[rows]) if rows.any() else scores.sum() * 0
+    p = ((scores + 1) / 2).clamp(1e-4, 1 - 1e-4)
+    bce = F.binary_cross_entropy(p[legal], lens_targets(delta[legal], temp)) if legal.any() else scores.sum() * 0
+    return listwise + bce, listwise, bce
+
+
+def pair_agreement(scores, delta, legal, eps=1e-3):
+    """Share of legal entry pairs (|delta_i - delta_j| > eps) that the scores order like delta; NaN if none."""
+    agree = total = 0
+    for sc, de, lg in zip(scores, delta, legal):
+        sc, de = sc[lg].detach().float().cpu(), de[lg].float().cpu()
+        ds, dd = sc[:, None] - sc[None, :], de[:, None] - de[None, :]
+        keep = dd.abs() > eps
+        agree += int(((ds * dd) > 0)[keep].sum())
+        total += int(keep.sum())
+    return agree / total / 1.0 if total else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# the objective
+
+class MCObjective:
+    def __init__(self, gpt, gistnet, lensnet, cfg):
+        self.gpt, self.gistnet, self.lensnet, self.cfg = gpt, gistnet, lensnet, cfg
+        self.variants = [v for v in cfg.train_variants.split(",") if v]
+        self.B_h = cfg.hist_budget()
+
+    def parameters_mc(self):
+        """GistNet's and LensNet's parameters (the GPT's are the base optimizer's): put them in an optimizer."""
+        return list(self.gistnet.parameters()) + list(self.lensnet.parameters())
+
+    @property
+    def wte(self):
+        return self.gpt.transformer.wte
+
+    def readers(self, x, s):
+        """Per-row GistLevels over the history x[:, :s] (gists with grad when grad is enabled)."""
+        levels = build_gists(self.gistnet, self.wte(x[:, :s]), self.cfg)
+        return [GistLevels(x[b, :s], [None] + [lv[b] for lv in levels[1:]]) for b in range(x.size(0))]
+
+    def _lens_scores(self, wc, reader):
+        with torch.no_grad():
+            scores, _ = self.lensnet.score([wc], [reader], self.wte)
+        return scores[0].float().cpu().numpy()
+
+    def _variant_part(self, name, b, x, s, reader, rng):
+        cfg, B_h = self.cfg, self.B_h
+        if name == "truncate":
+            return raw_suffix_part(x[b, :s], B_h, self.wte, cfg), None
+        if s <= B_h:  # the whole history fits raw: every WC variant is the raw history
+            wc = all_raw(s, cfg)
+        elif name == "pyramid":
+            wc = recency_pyramid(s, B_h, cfg)
+        elif name == "random":
+            wc = random_mix(s, B_h, cfg, rng)
+        else:  # "lens"
+            wc = focus_wc(coarsest_wc(s, cfg), B_h, cfg, lambda w: self._lens_scores(w, reader))
+        return wc_part(wc, reader, self.wte, cfg), wc
+
+    def counterfactuals(self, x, y, s, readers, rng, base="random"):
+        """
+        Base WCs (budget B_h - (K - 1), so one more expansion fits B_h) and, per row, delta_nll for
+        expanding each candidate gist alone: (base_wcs, delta (B, W) float, legal (B, W) bool,
+        base_nll (B,) summed nats). No gradient.
+        """
+        cfg, K = self.cfg, self.cfg.block_size
+        B, m = x.size(0), x.size(1) - s
+        bases, parts, owners, cands = [], [], [], []
+        with torch.no_grad():
+            for b in range(B):
+                bud = max(self.B_h - (K - 1), min_cost(s, cfg))
+                wc = (recency_pyramid(s, bud, cfg) if base == "pyramid" or rng.random() < 0.5
+                      else random_mix(s, bud, cfg, rng))
+                bases.append(wc)
+                gist = np.flatnonzero(wc.levels >= 1)
+                if cfg.lens_cands and len(gist) > cfg.lens_cands:
+                    gist = np.sort(rng.choice(gist, cfg.lens_cands, replace=False))
+                cands.append(gist)
+                parts.append(wc_part(wc, readers[b], self.wte, cfg))
+                owners.append(b)
+                for j in gist:
+                    parts.append(wc_part(expand(wc, int(j), cfg), readers[b], self.wte, cfg))
+                    owners.append(b)
+            own = torch.tensor(owners, device=x.device)
+            nll, _ = chunked_row_nll(self.gpt, parts, x[own, s:], y[own, s:], s, self.wte, cfg)
+        W = max(len(wc) for wc in bases)
+        delta = torch.zeros(B, W)
+        legal = torch.zeros(B, W, dtype=torch.bool)
+        base_nll = torch.zeros(B)
+        i = 0
+        for b in range(B):
+            base_nll[b] = nll[i]
+            for k, j in enumerate(cands[b]):
+                delta[b, j] = float(nll[i] - nll[i + 1 + k])
+                legal[b, j] = True
+            i += 1 + len(cands[b])
+        return bases, delta, legal, base_nll
+
+    def loss(self, x, y, rng, step=0, s=None):
+        """(scalar loss, metrics dict). x, y: (B, T) next-token pairs; rng: numpy Generator or seed;
+        s: the history length (block-aligned), default a random split (`split_point`)."""
+        cfg, rng = self.cfg, _as_rng(rng)
+        valid = y[:, :-1] != -1
+        if (y[:, :-1][valid] != x[:, 1:][valid]).any():
+            raise ValueError("y must be x shifted by one (y[:, t] = x[:, t + 1], or -1): the loss predicts "
+                             "the NEXT token, never the input")
+        timer = PhaseTimer(x.device)
+        if cfg.train_plain_lm > 0 and rng.random() < cfg.train_plain_lm:
+            with timer("lm"):
+                loss = self.gpt(x, y)
+            return loss, {"mc/plain_lm_loss": loss.detach(), **timer.pop()}
+        B, T = x.shape
+        if s is None:
+            s = split_point(T, cfg, rng)
+        elif s % cfg.block_size or not 0 < s < T:
+            raise ValueError(f"the split s={s} must be a positive multiple of {cfg.block_size} below T={T}")
+        with timer("gist"):
+            readers = self.readers(x, s)
+        metrics = {"mc/hist_tokens": float(s), "mc/compression": s / self.B_h}
+        # --- the LM on every WC variant, one packed forward
+        with timer("select"):
+            parts, wcs = [], []
+            for name in self.variants:
+                for b in range(B):
+                    p, wc = self._variant_part(name, b, x, s, readers[b], rng)
+                    parts.append(p)
+                    if wc is not None:
+                        wcs.append(wc)
+        with timer("lm"):
+            R = len(parts)
+            rep = torch.arange(B, device=x.device).repeat(len(self.variants))
+            packed = pack(parts, x[rep, s:], y[rep, s:], s, self.wte, cfg)
+            sums, counts = row_nll(self.gpt, packed)
+            sums, counts = sums.view(len(self.variants), B).sum(1), counts.view(len(self.variants), B).sum(1)
+            per_variant = sums / counts.clamp_min(1)
+            lm_loss = per_variant.mean()
+        for name, v in zip(self.variants, per_variant):
+            metrics[f"mc/loss_by_variant/{name}"] = v.detach()
+        for L in range(cfg.max_level + 1):
+            metrics[f"mc/lod_count/{L}"] = float(np.mean([int((wc.levels == L).sum()) for wc in wcs])) if wcs else 0.0
+        if wcs:
+            metrics["mc/budget_utilization"] = float(np.mean([wc_cost(wc, cfg.block_size) for wc in wcs])) / self.B_h
+        loss = lm_loss
+        # --- LensNet from counterfactual single expansions
+        if cfg.lens_weight > 0 and s > self.B_h:
+            with timer("counterfactual"):
+                bases, delta, legal, _ = self.counterfactuals(x, y, s, readers, rng)
+            if legal.any():
+                with timer("lens"):
+                    scores, _ = self.lensnet.score(bases, readers, self.wte)
+                    l_total, l_list, l_bce = lens_loss(scores, delta, legal, cfg.lens_temp)
+                loss = loss + cfg.lens_weight * l_total
+                best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
+                metrics.update({"mc/lens_loss": l_total.detach(), "mc/lens_listwise": l_list.detach(),
+                                "mc/lens_binary": l_bce.detach(),
+                                "mc/delta_nll": best[legal.any(1)].mean(),
+                                "mc/lens_agreement": pair_agreement(scores, delta, legal),
+                                "mc/lens_top1": _top1(scores, delta, legal)})
+        metrics["mc/loss"] = loss.detach()
+        metrics.update(timer.pop())
+        return loss, metrics
+
+
+def _top1(scores, delta, legal):
+    """Share of rows whose best-scored legal entry is the counterfactual best."""
+    neg = torch.full_like(delta, -float("inf"))
+    pick = torch.where(legal.to(scores.device), scores.detach(), neg.to(scores.device)).argmax(1).cpu()
+    best = torch.where(legal, delta, neg).argmax(1)
+    rows = legal.any(1)
+    return float((pick == best)[rows].float().mean()) if rows.any() else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# evaluation helpers (dev/mc_experiment.py, scripts/mc_eval.py)
+
+@torch.no_grad()
+def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1):
+    """
+    Mean next-token NLL of the target x[:, s:] (labels y[:, s:]) with the history [0, s) given as:
+    `raw` (all tokens), `gists` (everything before the raw tail as gists of level <= `level`, coarsest
+    tiling), `dropped` (the raw tail only), `none` (no history). substitutability =
+    (NLL_dropped - NLL_gists) / (NLL_dropped - NLL_raw): 1 = the gists replace the raw tokens fully,
+    0 = they add nothing. The LM guard compares nll_gists with nll_none and nll_raw.
+    """
+    wte = gpt.transformer.wte
+    B = x.size(0)
+    levels = build_gists(gistnet, wte(x[:, :s]), cfg)
+    readers = [GistLevels(x[b, :s], [None] + [lv[b] for lv in levels[1:]]) for b in range(B)]
+    keep = s - tail_start(s, cfg)
+    out = {}
+    for name in ("raw", "gists", "dropped", "none"):
+        if name == "raw":
+            parts = [wc_part(all_raw(s, cfg), r, wte, cfg) for r in readers]
+        elif name == "gists":
+            parts = [wc_part(coarsest_wc(s, cfg, max_level=level), r, wte, cfg) for r in readers]
+        else:
+            parts = [raw_suffix_part(x[b, :s], keep if name == "dropped" else 0, wte, cfg) for b in range(B)]
+        sums, counts = chunked_row_nll(gpt, parts, x[:, s:], y[:, s:], s, wte, cfg)
+        out[f"nll_{name}"] = float(sums.sum() / counts.sum().clamp_min(1))
+    gap = out["nll_dropped"] - out["nll_raw"]
+    out["substitutability"] = (out["nll_dropped"] - out["nll_gists"]) / gap if abs(gap) > 1e-9 else float("nan")
+    return out
+
+
+@torch.no_grad()
+def lens_pair_agreement(objective, x, y, s, rng):
+    """On held-out rows: LensNet's pair agreement and top-1 against counterfactual delta_nll on
+    recency-pyramid base WCs. Returns {agreement, top1, delta_nll}."""
+    rng = _as_rng(rng)
+    readers = objective.readers(x, s)
+    bases, delta, legal, _ = objective.counterfactuals(x, y, s, readers, rng, base="pyramid")
+    scores, _ = objective.lensnet.score(bases, readers, objective.wte)
+    best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
+    return {"agreement": pair_agreement(scores, delta, legal), "top1": _top1(scores, delta, legal),
+            "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
+
+
+__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "row_nll",
+           "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement", "gist_substitutability",
+           "lens_pair_agreement", "entry_spans"]

@@ -1,0 +1,196 @@
+"""
+The end-to-end objective on the real GPT / GistNet / LensNet (tiny): next-token labels, gradients into
+every MegaContext module, the random-token floor ln(V), LensNet loss direction, and telemetry.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacontext.config import MCConfig
+from megacontext.gistnet import GistNet
+from megacontext.lensnet import LensNet
+from megacontext.objective import (MCObjective, coarsest_wc, expand, focus_wc, gist_substitutability, lens_loss,
+                                   lens_pair_agreement, lens_targets, pack, pair_agreement, random_mix,
+                                   raw_suffix_part, row_nll, split_point, wc_part)
+from megacontext.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
+from megacontext.working_context import check_invariants, wc_cost
+from nanochat.gpt import GPT, GPTConfig
+
+V = 64
+
+
+def make(seed=0, positions="slot", plain=0.0, **kw):
+    torch.manual_seed(seed)
+    cfg = MCConfig(block_size=8, max_level=2, budget=64, tail_tokens=8, positions=positions, gist_layers=1,
+                   lens_dim=32, lens_heads=2, lens_layers=1, train_hist_budget=32, train_min_target=8,
+                   train_plain_lm=plain, **kw)
+    gpt = GPT(GPTConfig(sequence_len=256, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    gpt.init_weights()
+    return MCObjective(gpt, GistNet(32, cfg, 2), LensNet(32, cfg), cfg), cfg
+
+
+def batch(B=2, T=160, seed=0):
+    seq = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(seed))
+    return seq[:, :-1], seq[:, 1:]
+
+
+def test_config_knobs_validate():
+    with pytest.raises(ValueError, match="train_hist_budget"):
+        MCConfig(budget=256, tail_tokens=32, train_hist_budget=300)
+    with pytest.raises(ValueError, match="train_variants"):
+        MCConfig(train_variants="pyramid,bogus")
+    assert MCConfig(budget=64, tail_tokens=0).hist_budget() == 32  # 0 resolves to budget // 2
+
+
+@pytest.mark.parametrize("positions", ["slot", "gaussian"])
+def test_target_labels_are_the_next_tokens(positions):
+    obj, cfg = make(positions=positions)
+    # a sequence where "copy the input" and "predict the next token" always disagree
+    seq = torch.arange(161)[None] % V
+    x, y = seq[:, :-1], seq[:, 1:]
+    s, m = 96, 64
+    rd = obj.readers(x, s)[0]
+    parts = [wc_part(coarsest_wc(s, cfg), rd, obj.wte, cfg), raw_suffix_part(x[0, :s], 32, obj.wte, cfg)]
+    p = pack(parts, x[[0, 0], s:], y[[0, 0], s:], s, obj.wte, cfg)
+    for r, n in enumerate(p.hist_lens):
+        assert torch.equal(p.labels[r, n:n + m], seq[0, s + 1:s + 1 + m])       # the NEXT tokens
+        assert not torch.equal(p.labels[r, n:n + m], x[0, s:s + m])             # never the inputs
+        assert (p.labels[r, :n] == -1).all() and (p.labels[r, n + m:] == -1).all()
+        assert torch.equal(p.embeds[r, n:n + m], obj.wte(x[0, s:]))            # inputs are x[s:]
+        if positions == "slot":
+            assert torch.equal(p.pos[r, n:n + m], n + torch.arange(m, dtype=torch.float32))
+        else:
+            assert torch.equal(p.pos[r, n:n + m], s + torch.arange(m, dtype=torch.float32))
+            assert (p.sigma[r, n:n + m] == 0).all()
+    # the loss is cross-entropy of the logits at each target input against the next token
+    sums, counts = row_nll(obj.gpt, p)
+    logits = obj.gpt(inputs_embeds=p.embeds, pos=p.pos, pos_sigma=p.sigma)
+    for r, n in enumerate(p.hist_lens):
+        ref = F.cross_entropy(logits[r, n:n + m], seq[0, s + 1:s + 1 + m], reduction="sum")
+        torch.testing.assert_close(sums[r], ref, rtol=1e-5, atol=1e-4)
+        assert counts[r] == m
+    # copy targets (the trap) are refused
+    with pytest.raises(ValueError, match="NEXT token"):
+        obj.loss(x, x.clone(), np.random.default_rng(0))
+
+
+def test_one_step_changes_every_gistnet_and_lensnet_parameter():
+    obj, cfg = make()
+    with torch.no_grad():  # leave the zero-initialised residual branches: otherwise step 1 cannot reach them
+        for p in obj.parameters_mc():
+            p.add_(0.02 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in [*obj.gistnet.named_parameters(), *obj.lensnet.named_parameters()]}
+    opt = torch.optim.AdamW(list(obj.gpt.parameters()) + obj.parameters_mc(), lr=1e-3, weight_decay=0.0)
+    x, y = batch()
+    loss, m = obj.loss(x, y, np.random.default_rng(1))
+    assert "mc/lens_loss" in m and m["mc/budget_utilization"] <= 1.0
+    loss.backward()
+    opt.step()
+    after = dict([*obj.gistnet.named_parameters(), *obj.lensnet.named_parameters()])
+    unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+def test_random_tokens_never_beat_ln_v():
+    obj, cfg = make(seed=1, plain=0.25)
+    opt = torch.optim.AdamW(list(obj.gpt.parameters()) + obj.parameters_mc(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    floor = math.log(V) - 0.05
+    seen = 0
+    for step in range(40):
+        x, y = batch(B=2, T=128, seed=100 + step)  # fresh uniform tokens every step
+        loss, m = obj.loss(x, y, rng, step)
+        lm = [v for k, v in m.items() if k.startswith("mc/loss_by_variant/") or k == "mc/plain_lm_loss"]
+        assert lm and all(float(v) >= floor for v in lm), (step, m)
+        seen += len(lm)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert seen > 40
+
+
+def test_lens_loss_varies_and_reaches_gistnet():
+    obj, cfg = make()
+    x, y = batch()
+    s = 96
+    rng = np.random.default_rng(0)
+    readers = obj.readers(x, s)
+    bases, delta, legal, base_nll = obj.counterfactuals(x, y, s, readers, rng)
+    assert legal.any() and not delta.requires_grad
+    # delta is exactly NLL(base) - NLL(base with that gist expanded), in summed nats
+    b, j = 0, int(np.flatnonzero(legal[0].numpy())[0])
+    with torch.no_grad():
+        ref = [row_nll(obj.gpt, pack([wc_part(w, readers[b], obj.wte, cfg)], x[:1, s:], y[:1, s:], s, obj.wte,
+                                     cfg))[0][0] for w in (bases[b], expand(bases[b], j, cfg))]
+    torch.testing.assert_close(delta[b, j], ref[0] - ref[1], rtol=1e-4, atol=1e-4)
+    scores, _ = obj.lensnet.score(bases, readers, obj.wte)
+    l1, _, _ = lens_loss(scores, delta, legal, cfg.lens_temp)
+    l2, _, _ = lens_loss(scores, -delta + 3 * legal.float() * torch.arange(delta.size(1)), legal, cfg.lens_temp)
+    assert abs(float(l1.detach()) - float(l2.detach())) > 1e-3  # depends on the counterfactual labels
+    l2.backward()
+    g = obj.gistnet.head.weight.grad
+    assert g is not None and g.abs().sum() > 0  # LensNet's loss trains GistNet (gists not detached)
+
+
+def test_lens_targets_and_gradients_have_the_right_sign():
+    delta = torch.tensor([[0.5, -0.5, 2.0, 0.0]])
+    t = lens_targets(delta, 1.0)
+    assert t[0, 2] > t[0, 0] > t[0, 3] > t[0, 1]  # an expansion that lowers NLL more gets a higher target
+    scores = torch.zeros(1, 4, requires_grad=True)
+    legal = torch.tensor([[True, True, True, False]])
+    loss, listwise, bce = lens_loss(scores, delta, legal, 1.0)
+    loss.backward()
+    g = scores.grad[0]
+    assert g[2] < 0 < g[1]          # descent raises the best block's score and lowers the harmful one's
+    assert g[3] == 0                # illegal entries are masked out
+    assert listwise > 0 and bce > 0
+    assert pair_agreement(torch.tensor([[0.1, -0.2, 0.9]]), delta[:, :3], legal[:, :3]) == 1.0
+    assert pair_agreement(torch.tensor([[0.9, 0.1, -0.2]]), delta[:, :3], legal[:, :3]) == pytest.approx(1 / 3)
+
+
+def test_split_and_wc_builders_keep_invariants():
+    obj, cfg = make()
+    rng = np.random.default_rng(0)
+    for T in (64, 160, 1200):
+        for _ in range(10):
+            s = split_point(T, cfg, rng)
+            assert s % cfg.block_size == 0 and 0 < s <= T - cfg.train_min_target
+    with pytest.raises(ValueError, match="too short"):
+        split_point(10, cfg, rng)
+    for n in (100, 600, 1100):
+        wc = random_mix(n, 40, cfg, rng)
+        check_invariants(wc, cfg, 40)
+        assert wc_cost(wc, cfg.block_size) > 40 - cfg.block_size + 1  # no room left for another expansion
+        f = focus_wc(coarsest_wc(n, cfg), 40, cfg, lambda w: -np.arange(len(w), dtype=float))
+        check_invariants(f, cfg, 40)
+
+
+def test_eval_helpers_run_and_are_consistent():
+    obj, cfg = make()
+    x, y = batch(B=2, T=160)
+    out = gist_substitutability(obj.gpt, obj.gistnet, x, y, 128, cfg, level=1)
+    assert set(out) == {"nll_raw", "nll_gists", "nll_dropped", "nll_none", "substitutability"}
+    if not math.isnan(out["substitutability"]):
+        gap = out["nll_dropped"] - out["nll_raw"]
+        assert out["substitutability"] == pytest.approx((out["nll_dropped"] - out["nll_gists"]) / gap)
+    lp = lens_pair_agreement(obj, x, y, 128, 0)
+    assert set(lp) == {"agreement", "top1", "delta_nll"}
+
+
+def test_telemetry_window_timer_and_format():
+    w = MetricWindow()
+    w.add({"mc/a": 1.0, "mc/b": torch.tensor(2.0)})
+    w.add({"mc/a": 3.0, "mc/c": float("nan")})
+    assert w.mean() == {"mc/a": 2.0, "mc/b": 2.0}
+    assert w.flush() == {"mc/a": 2.0, "mc/b": 2.0} and len(w) == 0
+    t = PhaseTimer("cpu")
+    with t("gist"):
+        sum(range(1000))
+    d = t.pop()
+    assert list(d) == ["mc/gist_ms"] and d["mc/gist_ms"] >= 0 and t.pop() == {}
+    assert for_wandb({"x": torch.tensor(1.5), "y": float("nan")}, step=3) == {"x": 1.5, "step": 3}
+    assert format_metrics({"mc/b": 2, "mc/a": 1, "z": 0}, keys=["mc/"]) == "mc/a=1 | mc/b=2"
+    assert "| mc/a | 1 |" in format_table({"mc/a": 1})
