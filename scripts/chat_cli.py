@@ -3,16 +3,27 @@ Chat with a trained model in the terminal. Replies stream token by token.
 
     python -m scripts.chat_cli                      # interactive, the latest SFT model
     python -m scripts.chat_cli --source mid -p "Why is the sky blue?"   # one reply, then exit
+    python -m scripts.chat_cli --memory ~/mem       # a conversation that persists across runs
+    python -m scripts.chat_cli --memory ~/mem --ingest book.txt -p "Who wrote the letter?"
 
-In the interactive loop, `clear` starts a new conversation and `quit` (or Ctrl-D) leaves.
+In the interactive loop: `/ingest FILE [question]` reads a document into the conversation (the
+model then answers about it), `/stats` shows the memory, `clear` starts over, `quit` (or Ctrl-D) leaves.
 
-`EngineChat` (the model + tokenizer behind a `stream(messages, ...)` method) is shared with
-scripts.chat_web; a MegaContext session can stand in for it later with the same method, which is
-how `--memory DIR` will plug in.
+Two chat objects share one interface, `prompt_ids(messages)` and `stream(messages, ...)`, and
+scripts.chat_web serves either:
+- `EngineChat`: a plain GPT. A conversation longer than the model's window keeps its most recent
+  tokens (with a one-line notice), because the model has no memory beyond the window.
+- `MemoryChat`: a MegaContext session (checkpoints trained with --mc). The conversation lives in
+  the session's memory (tree + working context), so it can grow far past the window; with
+  `--memory DIR` that memory is on disk and a later run continues it.
 """
 import argparse
+import json
+import os
 import random
+import shlex
 import sys
+import threading
 
 from nanochat.common import UserError, autodetect_device_type, compute_init, run_main
 
@@ -47,6 +58,7 @@ class StreamDecoder:
 
 class EngineChat:
     """A model + tokenizer that answers a conversation as a stream of text pieces."""
+    persistent = False
 
     def __init__(self, model, tokenizer):
         from nanochat.engine import Engine
@@ -59,9 +71,27 @@ class EngineChat:
         """Token ids that prime the model to answer `messages` (the last one is the user's)."""
         return self.tokenizer.render_for_completion({"messages": messages})
 
-    def stream(self, messages, temperature=0.6, top_k=50, max_tokens=512, seed=None, prompt_ids=None):
-        """Yield the reply to `messages` as text pieces, stopping at <|assistant_end|>."""
+    def fit_window(self, ids, max_tokens):
+        """
+        (ids, notice): the prompt cut to the model's window. Room is left for the reply (up to half
+        the window); what is cut is the oldest part, BOS kept. notice is None when nothing was cut.
+        """
+        window = self.model.config.sequence_len
+        room = window - min(max_tokens, window // 2)
+        if len(ids) <= room:
+            return ids, None
+        kept = ids[:1] + ids[len(ids) - (room - 1):]
+        return kept, (f"note: the conversation is {len(ids)} tokens, longer than the model's {window}-token "
+                      f"window; keeping the most recent {room} (this checkpoint has no MegaContext memory)")
+
+    def stream(self, messages, temperature=0.6, top_k=50, max_tokens=512, seed=None, prompt_ids=None,
+               on_notice=None, progress=False):
+        """Yield the reply to `messages` as text pieces, stopping at <|assistant_end|>.
+        on_notice(str) hears about a prompt cut to the window; progress is unused (no memory to fill)."""
         ids = prompt_ids if prompt_ids is not None else self.prompt_ids(messages)
+        ids, notice = self.fit_window(ids, max_tokens)
+        if notice and on_notice is not None:
+            on_notice(notice)
         seed = random.randint(0, 2**31 - 1) if seed is None else seed
         decoder = StreamDecoder(self.tokenizer)
         for column, _ in self.engine.generate(ids, num_samples=1, max_tokens=max_tokens,
@@ -76,34 +106,248 @@ class EngineChat:
         if rest:
             yield rest
 
+    def close(self):
+        pass
 
-def load_chat(source, model_tag=None, step=None, device_type=None):
-    """Load a checkpoint (UserError if there is none) and wrap it for chatting."""
+
+def normalize_messages(messages):
+    """Merge a leading system message into the first user message (as the chat format does) and check
+    that turns alternate user/assistant, start with the user, end with the user, and are not empty."""
+    messages = [dict(m) for m in messages]
+    if messages and messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+        messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
+        messages = messages[1:]
+    if not messages:
+        raise ValueError("the conversation has no messages")
+    for i, m in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ValueError(f"message {i} has role {m['role']!r}, expected {expected!r} "
+                             "(turns must alternate user/assistant, starting with user)")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise ValueError(f"message {i} is empty")
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message must be from the user")
+    return messages
+
+
+def fork_session(template, memory_dir=None):
+    """A new MCSession over the same nets and config as `template` (in RAM, or persistent in memory_dir)."""
+    from megacontext.runtime import MCSession
+    t = template
+    return MCSession(t.gpt, t.gistnet, t.lensnet, t.tokenizer, t.cfg, memory_dir=memory_dir, device=t.device,
+                     passes=t.passes, source_info=t.source_info)
+
+
+class MemoryChat:
+    """
+    A MegaContext session behind EngineChat's interface. The session's memory *is* the conversation:
+    each request renders only the messages the memory has not seen yet (the client may send the whole
+    transcript or just the new message), then the reply streams out of the session and into memory.
+    `turns` counts the messages in memory (user_start + assistant_start tokens in the tree), so it
+    survives restarts without extra state. One `lock` serialises every use of the session.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.tokenizer = tok = session.tokenizer
+        self.lock = threading.Lock()
+        self.persistent = session.memory_dir is not None
+        self.closed = False
+        sp = tok.encode_special
+        self.user_start, self.user_end = sp("<|user_start|>"), sp("<|user_end|>")
+        self.assistant_start, self.assistant_end = sp("<|assistant_start|>"), sp("<|assistant_end|>")
+        self.turns = self._count_turns()
+
+    def _count_turns(self):
+        tree, n, step, count = self.session.tree, self.session.num_tokens, 1 << 20, 0
+        for a in range(0, n, step):  # chunked: a long memory is read a slice at a time
+            t = tree.tokens(a, min(n, a + step))
+            count += int(((t == self.user_start) | (t == self.assistant_start)).sum())
+        return count
+
+    def _pending(self, messages):
+        """The messages the memory has not seen: the transcript past `turns`, else the last message."""
+        messages = normalize_messages(messages)
+        return messages[self.turns:] if len(messages) > self.turns else messages[-1:]
+
+    def _render(self, pending):
+        tok = self.tokenizer
+        ids = [tok.get_bos_token_id()] if self.session.num_tokens == 0 else []
+        for m in pending:
+            start, end = ((self.user_start, self.user_end) if m["role"] == "user"
+                          else (self.assistant_start, self.assistant_end))
+            ids += [start] + tok.encode(m["content"]) + [end]
+        return ids + [self.assistant_start]
+
+    def prompt_ids(self, messages):
+        """Token ids this request adds to the memory (the unseen messages, then <|assistant_start|>)."""
+        return self._render(self._pending(messages))
+
+    def stream(self, messages, temperature=0.6, top_k=50, max_tokens=512, seed=None, prompt_ids=None,
+               on_notice=None, progress=False):
+        """
+        Render the unseen messages into memory (a progress bar when `progress` and the text is long),
+        then yield the reply's text. The assistant turn is closed and the memory saved even when the
+        consumer stops early. prompt_ids is ignored: what is unseen is decided under the lock.
+        """
+        with self.lock:
+            if self.closed:
+                from megacontext.runtime import SessionError
+                raise SessionError("this conversation's memory was closed")
+            s = self.session
+            pending = self._pending(messages)
+            ids = self._render(pending)
+            s.ingest(ids[:-1], progress=progress)
+            self.turns += len(pending)
+            seed = random.randint(0, 2**31 - 1) if seed is None else seed
+            try:
+                # the last token goes in through stream(), which refocuses so LensNet sees the question
+                yield from s.stream(ids[-1:], max_tokens, temperature, top_k or None, seed)
+            finally:
+                n = s.num_tokens
+                if s.tree.tokens(n - 1, n).item() != self.assistant_end:
+                    s.ingest([self.assistant_end])  # cut by max_tokens or by the client: close the turn
+                self.turns += 1
+                if self.persistent:
+                    s.save()
+
+    def stats(self):
+        return dict(self.session.stats(), turns=self.turns, memory_dir=self.session.memory_dir)
+
+    def reset(self):
+        """Start over with an empty in-RAM memory (a persistent memory is never wiped from here)."""
+        if self.persistent:
+            raise UserError("this conversation lives in a persistent memory; use a new --memory directory")
+        with self.lock:
+            self.session = fork_session(self.session)
+            self.turns = 0
+
+    def close(self):
+        """Save (when persistent) and release the memory's files. Safe to call twice."""
+        with self.lock:
+            if self.closed:
+                return
+            if self.persistent:
+                self.session.save()
+            self.session.close()
+            self.closed = True
+
+
+def checkpoint_has_mc(source, model_tag=None, step=None):
+    """Whether a checkpoint's meta names an MCConfig (read without loading the weights)."""
+    from nanochat.checkpoint_manager import checkpoint_dir_for, find_last_step
+    try:
+        ckdir = checkpoint_dir_for(source, model_tag)
+        step = find_last_step(ckdir) if step is None else step
+        with open(os.path.join(ckdir, f"meta_{step:06d}.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("mc_config"))
+    except (UserError, OSError, ValueError):
+        return False  # load_model reports what is missing, with its usual message
+
+
+def _recorded_source(memory_dir):
+    """The checkpoint source a saved memory recorded, or None (no memory there yet, or none recorded)."""
+    from megacontext.runtime import SESSION_FILE
+    try:
+        with open(os.path.join(memory_dir, SESSION_FILE), encoding="utf-8") as f:
+            return (json.load(f).get("source") or {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None  # MCSession reports a corrupted memory with its own message
+
+
+def load_chat(source="sft", model_tag=None, step=None, device_type=None, memory_dir=None):
+    """
+    Load a checkpoint (UserError if there is none) and wrap it for chatting: a MemoryChat when it has
+    MegaContext weights (persistent in memory_dir, else in RAM), else an EngineChat. With memory_dir
+    holding a saved memory and source None, the checkpoint the memory recorded is used.
+    Returns (chat, meta) where meta is the checkpoint's meta (EngineChat) or the session's source info.
+    """
     from nanochat.checkpoint_manager import load_model
+    from megacontext.runtime import MCSession
     _, _, _, _, device = compute_init(device_type or autodetect_device_type())
+    if memory_dir is not None:
+        memory_dir = os.path.abspath(os.path.expanduser(memory_dir))
+        if os.path.exists(memory_dir) and not os.path.isdir(memory_dir):
+            raise UserError(f"--memory {memory_dir} is a file, not a directory")
+        if source is None and _recorded_source(memory_dir):
+            session = MCSession.open(memory_dir, model_tag=model_tag, step=step, device=device)
+        else:
+            session = MCSession.load(source or "sft", model_tag, step, device, memory_dir=memory_dir)
+        return MemoryChat(session), session.source_info
+    source = source or "sft"
+    if checkpoint_has_mc(source, model_tag, step):
+        session = MCSession.load(source, model_tag, step, device)
+        return MemoryChat(session), session.source_info
     model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
     return EngineChat(model, tokenizer), meta
 
 
-def reply(chat, messages, out, prefix="Assistant: ", **gen_kwargs):
-    """Stream one assistant reply to `out`; return its full text."""
-    out.write(prefix)
-    out.flush()
+def reply(chat, messages, out, prefix="Assistant: ", notice_out=None, progress=False, **gen_kwargs):
+    """Stream one assistant reply to `out` (notices to `notice_out`, default `out`); return its text."""
+    notice_out = notice_out or out
+
+    def on_notice(text):
+        notice_out.write(text + "\n")
+        notice_out.flush()
     pieces = []
-    for piece in chat.stream(messages, **gen_kwargs):
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
+    stream = chat.stream(messages, on_notice=on_notice, progress=progress, **gen_kwargs)
+    try:
+        first = True
+        for piece in stream:
+            if first:  # the prefix after any notice or progress bar, so they do not interleave
+                out.write(prefix)
+                first = False
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        if first:
+            out.write(prefix)
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()  # Ctrl-C mid-reply: a memory still closes the turn and saves
     out.write("\n")
     out.flush()
     return "".join(pieces)
 
 
-def interactive(chat, gen_kwargs, inp=None, out=None):
-    """The read-eval-print loop. Returns the conversation's messages (for tests)."""
+def read_document(path):
+    """The text of a file to ingest; UserError if it cannot be read or is empty."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty: nothing to ingest")
+    return text
+
+
+def format_stats(chat):
+    if not hasattr(chat, "stats"):
+        return "(no MegaContext memory: this checkpoint has no MegaContext weights)"
+    return "stats: " + json.dumps(chat.stats())
+
+
+HELP = ("Commands: /ingest FILE [question]  read a document into the conversation, then the model answers;\n"
+        "          /stats  memory statistics;  clear  start over;  quit  leave.\n")
+
+
+def interactive(chat, gen_kwargs, inp=None, out=None, ingest=None):
+    """The read-eval-print loop. `ingest`: a file read in before the first question. Returns the messages."""
     inp, out = inp or sys.stdin, out or sys.stdout
-    out.write("Chat with the model. Type 'clear' to start over, 'quit' to leave.\n")
+    where = f" Memory: {chat.session.memory_dir}." if getattr(chat, "persistent", False) else ""
+    out.write(f"Chat with the model. Type 'clear' to start over, 'quit' to leave, '/help' for commands.{where}\n")
     messages = []
+
+    def turn(content, progress=False):
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": reply(chat, messages, out, progress=progress, **gen_kwargs)})
+
+    if ingest is not None:
+        turn(read_document(ingest), progress=True)
     while True:
         out.write("\nUser: ")
         out.flush()
@@ -115,24 +359,52 @@ def interactive(chat, gen_kwargs, inp=None, out=None):
         if text.lower() in ("quit", "exit"):
             break
         if text.lower() == "clear":
+            if getattr(chat, "persistent", False):
+                out.write("(this conversation lives in a persistent memory; start a new one with another "
+                          "--memory directory)\n")
+                continue
+            if hasattr(chat, "reset"):
+                chat.reset()
             messages = []
             out.write("(conversation cleared)\n")
             continue
+        if text in ("/help", "/?"):
+            out.write(HELP)
+            continue
+        if text == "/stats":
+            out.write(format_stats(chat) + "\n")
+            continue
+        if text == "/ingest" or text.startswith("/ingest "):
+            try:
+                parts = shlex.split(text[len("/ingest"):])
+                if not parts:
+                    raise UserError("usage: /ingest FILE [question]")
+                doc = read_document(parts[0])
+            except (UserError, ValueError) as e:
+                out.write(f"error: {e}\n")
+                continue
+            question = " ".join(parts[1:])
+            turn(doc.rstrip() + ("\n\n" + question if question else ""), progress=True)
+            continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
-        messages.append({"role": "assistant", "content": reply(chat, messages, out, **gen_kwargs)})
+        turn(text)
     return messages
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m scripts.chat_cli",
                                 description="Chat with a trained model in the terminal (streams tokens).")
-    p.add_argument("--source", choices=["base", "mid", "sft"], default="sft",
-                   help="which checkpoints to load (default: sft)")
+    p.add_argument("--source", choices=["base", "mid", "sft"], default=None,
+                   help="which checkpoints to load (default: sft, or the one a saved --memory recorded)")
     p.add_argument("--model-tag", default=None, help="model tag, e.g. d20 (default: the largest one)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
     p.add_argument("-p", "--prompt", default=None, help="ask one question, print the reply and exit")
+    p.add_argument("--memory", metavar="DIR", default=None,
+                   help="keep the conversation in a persistent MegaContext memory in DIR (created if missing, "
+                        "continued if present); needs a checkpoint trained with --mc")
+    p.add_argument("--ingest", metavar="FILE", default=None,
+                   help="read a document into the conversation first (with -p: the document, then the question)")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default: 0.6)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all (default: 50)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default: 512)")
@@ -151,13 +423,19 @@ def main(argv=None):
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p/--prompt is empty")
-    chat, _ = load_chat(args.source, args.model_tag, args.step, args.device_type)
+    doc = read_document(args.ingest) if args.ingest else None  # before the (slow) model load
+    chat, _ = load_chat(args.source, args.model_tag, args.step, args.device_type, memory_dir=args.memory)
     gen_kwargs = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
-    if args.prompt is not None:
-        # just the reply, so `-p` composes with shell pipes
-        reply(chat, [{"role": "user", "content": args.prompt}], sys.stdout, prefix="", **gen_kwargs)
-    else:
-        interactive(chat, gen_kwargs)
+    try:
+        if args.prompt is not None:
+            content = args.prompt if doc is None else doc.rstrip() + "\n\n" + args.prompt
+            # just the reply on stdout, so `-p` composes with shell pipes; notices go to stderr
+            reply(chat, [{"role": "user", "content": content}], sys.stdout, prefix="", notice_out=sys.stderr,
+                  progress=doc is not None, **gen_kwargs)
+        else:
+            interactive(chat, gen_kwargs, ingest=args.ingest)
+    finally:
+        chat.close()  # a persistent memory is saved on exit (it was also saved after every turn)
 
 
 if __name__ == "__main__":

@@ -5,24 +5,38 @@ Chat with a trained model in the browser.
 
 Endpoints:
     GET  /                  the chat page (nanochat/ui.html)
-    GET  /health            {"status": "ok", ...}
+    GET  /health            {"status": "ok", "memory": bool, ...}
     POST /chat/completions  {"messages": [{"role": "user", "content": "..."}, ...],
-                             "temperature"?, "top_k"?, "max_tokens"?}
+                             "conversation_id"?, "temperature"?, "top_k"?, "max_tokens"?}
                             -> server-sent events: `data: {"token": "..."}` per text piece,
-                               then `data: {"done": true}` (or `data: {"error": "..."}`)
+                               then `data: {"done": true}` (or `data: {"error": "..."}`);
+                               `data: {"notice": "..."}` may come first (e.g. a prompt cut to the window)
+    GET  /memory/<conversation_id>   the conversation's memory statistics (MegaContext checkpoints)
 Requests outside the limits are rejected with HTTP 400 and {"error": "<what is wrong>"}.
+
+Memory: when the checkpoint has MegaContext weights, each conversation_id (the page keeps one in
+localStorage; [A-Za-z0-9_-]{1,64}) gets a persistent memory in
+$NANOCHAT_BASE_DIR/chat_memory/<conversation_id>, continued across server restarts. The memory holds
+the conversation, so only messages it has not seen are read (a client may send the whole transcript
+or just the new message) and a conversation may grow far past the window; max_total_tokens then
+limits what one request adds. A request without a conversation_id is answered from a fresh in-RAM
+memory of its transcript. Without MegaContext weights the server is stateless and a transcript
+longer than the window keeps its most recent tokens (with a notice event).
 
 The app comes from `create_app(model, tokenizer, ...)`, so tests serve a tiny random model with
 FastAPI's TestClient. One model answers one request at a time (a lock): the GPU is the bottleneck,
-and interleaving two KV-cache decodes on it would only slow both down.
+and interleaving two KV-cache decodes on it would only slow both down. Each conversation's memory
+also has its own lock, held for the whole turn, and no request touches a memory without it.
 """
 import argparse
 import json
 import os
+import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from nanochat.common import UserError, run_main
+from nanochat.common import UserError, get_base_dir, run_main
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
@@ -93,31 +107,105 @@ def validate_request(body, limits, defaults):
     return clean, temperature, top_k, max_tokens
 
 
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def validate_conversation_id(body):
+    """The request's conversation_id (None when absent). Strict, because it names a directory."""
+    cid = body.get("conversation_id") if isinstance(body, dict) else None
+    if cid is None:
+        return None
+    if not isinstance(cid, str) or not CONVERSATION_ID.fullmatch(cid):
+        shown = json.dumps(cid)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise RequestError(f"conversation_id must be 1-64 characters from A-Z a-z 0-9 _ -, got {shown}")
+    return cid
+
+
+class ConversationMemories:
+    """
+    One persistent MemoryChat per conversation id, in root/<id>, all sharing the template session's
+    nets. At most `max_open` stay open (least recently used ones are saved and closed when idle);
+    a closed one is reopened from disk on its next request.
+    """
+
+    def __init__(self, template, root, max_open=16):
+        self.template = template  # an MCSession whose GPT/GistNet/LensNet/config every memory uses
+        self.root = root
+        self.max_open = max_open
+        self.chats = OrderedDict()  # id -> [MemoryChat, users]
+        self.lock = threading.Lock()
+
+    def path(self, cid):
+        return os.path.join(self.root, cid)
+
+    def acquire(self, cid):
+        """The MemoryChat of `cid`, opened or created (SessionError for a memory it cannot use).
+        Pair with release(cid): a chat in use is never closed."""
+        from scripts.chat_cli import MemoryChat, fork_session
+        with self.lock:
+            entry = self.chats.get(cid)
+            if entry is None:
+                os.makedirs(self.root, exist_ok=True)
+                entry = self.chats[cid] = [MemoryChat(fork_session(self.template, self.path(cid))), 0]
+            self.chats.move_to_end(cid)
+            entry[1] += 1
+            idle = [k for k, (_, users) in self.chats.items() if users == 0]
+            for k in idle[:max(0, len(self.chats) - self.max_open)]:
+                self.chats.pop(k)[0].close()
+            return entry[0]
+
+    def release(self, cid):
+        with self.lock:
+            if cid in self.chats:
+                self.chats[cid][1] -= 1
+
+    def ephemeral(self):
+        """A fresh in-RAM MemoryChat (for a request without a conversation_id)."""
+        from scripts.chat_cli import MemoryChat, fork_session
+        return MemoryChat(fork_session(self.template))
+
+    def close(self):
+        with self.lock:
+            for chat, _ in self.chats.values():
+                chat.close()
+            self.chats.clear()
+
+
 def sse(obj):
     """One server-sent event carrying a JSON object."""
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(model=None, tokenizer=None, *, chat=None, limits=None, defaults=None, source=None):
+def create_app(model=None, tokenizer=None, *, chat=None, limits=None, defaults=None, source=None, memory_root=None,
+               max_open_memories=16):
     """
     The FastAPI app. Pass a model + tokenizer, or `chat`: any object with `prompt_ids(messages)`
-    and `stream(messages, temperature=, top_k=, max_tokens=, prompt_ids=)` (EngineChat; later a
-    MegaContext session).
+    and `stream(messages, temperature=, top_k=, max_tokens=, prompt_ids=, on_notice=)` (EngineChat),
+    or a MemoryChat (scripts.chat_cli): then every conversation_id gets a persistent memory in
+    memory_root (default $NANOCHAT_BASE_DIR/chat_memory) built on the MemoryChat's nets.
     """
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from scripts.chat_cli import EngineChat
+    from starlette.concurrency import run_in_threadpool
+    from megacontext.runtime import SessionError
+    from scripts.chat_cli import EngineChat, MemoryChat
 
     if chat is None:
         if model is None or tokenizer is None:
             raise ValueError("create_app needs a model and a tokenizer, or a chat object")
         chat = EngineChat(model, tokenizer)
+    memories = None
+    if isinstance(chat, MemoryChat):
+        root = memory_root or os.path.join(get_base_dir(), "chat_memory")
+        memories = ConversationMemories(chat.session, root, max_open_memories)
     limits, defaults = limits or Limits(), defaults or Defaults()
     # the defaults fill in what a request leaves out, so they must themselves pass the limits
     validate_request({"messages": [{"role": "user", "content": "x"}]}, limits, defaults)
     lock = threading.Lock()
     app = FastAPI(title="nanochat")
+    app.state.memories = memories
     # the page may be opened from another origin (e.g. an SSH-forwarded port); the API holds no secrets
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
@@ -128,9 +216,37 @@ def create_app(model=None, tokenizer=None, *, chat=None, limits=None, defaults=N
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "source": source, "busy": lock.locked(),
+        return {"status": "ok", "source": source, "busy": lock.locked(), "memory": memories is not None,
                 "limits": {"max_messages": limits.max_messages, "max_message_chars": limits.max_message_chars,
                            "max_total_tokens": limits.max_total_tokens, "max_max_tokens": limits.max_max_tokens}}
+
+    def error(message, status=400):
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/memory/{conversation_id}")
+    async def memory_stats(conversation_id: str):
+        try:
+            cid = validate_conversation_id({"conversation_id": conversation_id})
+        except RequestError as e:
+            return error(str(e))
+        if memories is None:
+            return error("this model has no MegaContext memory (its checkpoint was not trained with --mc)", 404)
+        if not os.path.isdir(memories.path(cid)):
+            return error(f"no memory for conversation {cid}", 404)
+
+        def read():  # in a worker thread: the lock may be held by a turn that is still streaming
+            conv = memories.acquire(cid)
+            try:
+                with conv.lock:
+                    return conv.stats()
+            finally:
+                memories.release(cid)
+        try:
+            stats = await run_in_threadpool(read)
+        except SessionError as e:
+            return error(str(e), 409)
+        stats.pop("memory_dir", None)  # a server path: not the client's business
+        return {"conversation_id": cid, "stats": stats}
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -140,27 +256,57 @@ def create_app(model=None, tokenizer=None, *, chat=None, limits=None, defaults=N
             except ValueError:
                 raise RequestError("the request body is not valid JSON") from None
             messages, temperature, top_k, max_tokens = validate_request(body, limits, defaults)
+            cid = validate_conversation_id(body)
+        except RequestError as e:
+            return error(str(e))
+        conv, release = chat, None
+        if memories is not None:
+            if cid is None:
+                conv = memories.ephemeral()
+            else:
+                try:
+                    conv = await run_in_threadpool(memories.acquire, cid)
+                except SessionError as e:  # e.g. a memory made by another model: the server's state, not the request
+                    return error(f"conversation {cid}: {e}", 409)
+                release = lambda: memories.release(cid)  # noqa: E731
+        try:
             try:
-                prompt = chat.prompt_ids(messages)
+                prompt = conv.prompt_ids(messages)
             except ValueError as e:  # e.g. turns that do not alternate user/assistant
                 raise RequestError(str(e)) from None
             if len(prompt) > limits.max_total_tokens:
+                if memories is not None:
+                    raise RequestError(f"this request adds {len(prompt)} tokens to the memory (the limit is "
+                                       f"{limits.max_total_tokens}); send it in smaller messages")
                 raise RequestError(f"the conversation is too long: {len(prompt)} tokens "
                                    f"(the limit is {limits.max_total_tokens}); start a new one")
         except RequestError as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+            if release:
+                release()
+            return error(str(e))
 
         def events():
             # a plain generator: Starlette runs it in a worker thread, so the event loop stays free
-            with lock:
-                try:
-                    for piece in chat.stream(messages, temperature=temperature, top_k=top_k,
-                                             max_tokens=max_tokens, prompt_ids=prompt):
-                        yield sse({"token": piece})
-                except Exception as e:  # the stream has started (200 sent): report in-band
-                    yield sse({"error": f"generation failed: {type(e).__name__}: {e}"})
-                    return
-            yield sse({"done": True})
+            notices = []
+            try:
+                with lock:
+                    try:
+                        for piece in conv.stream(messages, temperature=temperature, top_k=top_k,
+                                                 max_tokens=max_tokens, prompt_ids=prompt, on_notice=notices.append):
+                            while notices:
+                                yield sse({"notice": notices.pop(0)})
+                            yield sse({"token": piece})
+                        while notices:
+                            yield sse({"notice": notices.pop(0)})
+                    except Exception as e:  # the stream has started (200 sent): report in-band
+                        yield sse({"error": f"generation failed: {type(e).__name__}: {e}"})
+                        return
+                yield sse({"done": True})
+            finally:
+                if release:
+                    release()
+                elif conv is not chat:
+                    conv.close()  # an ephemeral in-RAM memory
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -177,6 +323,9 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 to serve the network (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    p.add_argument("--memory-root", metavar="DIR", default=None,
+                   help="where conversations' MegaContext memories live (default: $NANOCHAT_BASE_DIR/chat_memory); "
+                        "used when the checkpoint has MegaContext weights")
     g = p.add_argument_group("generation defaults (a request may override them within the limits)")
     g.add_argument("-t", "--temperature", type=float, default=Defaults.temperature)
     g.add_argument("-k", "--top-k", type=int, default=Defaults.top_k)
@@ -200,9 +349,14 @@ def main(argv=None):
     import uvicorn
     from scripts.chat_cli import load_chat
     chat, _ = load_chat(args.source, args.model_tag, args.step, args.device_type)
-    app = create_app(chat=chat, limits=limits, defaults=defaults, source=args.source)
-    print(f"serving the {args.source} model at http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(chat=chat, limits=limits, defaults=defaults, source=args.source, memory_root=args.memory_root)
+    memory = f", memories in {app.state.memories.root}" if app.state.memories is not None else ""
+    print(f"serving the {args.source} model at http://{args.host}:{args.port}{memory}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if app.state.memories is not None:
+            app.state.memories.close()  # save what is open (each turn was saved already)
 
 
 if __name__ == "__main__":

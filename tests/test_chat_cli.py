@@ -138,3 +138,57 @@ def test_cli_user_errors_are_one_line(tiny_base_env):
                           (["--max-tokens", "0"], "--max-tokens"), (["-p", "  "], "empty")):
         with pytest.raises(UserError, match=needle):
             main(flags)
+
+
+def test_engine_chat_keeps_the_most_recent_tokens_that_fit(tiny_base_env):
+    """A plain GPT has no memory past its window: a longer conversation keeps its newest tokens (BOS
+    first), with a notice, and the reply is the engine's reply to exactly those tokens."""
+    tok = get_tokenizer()
+    model = tiny_model(tok)  # sequence_len 64
+    chat = EngineChat(model, tok)
+    messages = [{"role": "user", "content": "the king and the queen of the castle by the river " * 20}]
+    ids = chat.prompt_ids(messages)
+    assert len(ids) > 3 * 64
+    notices = []
+    pieces = list(chat.stream(messages, temperature=0.0, max_tokens=10, on_notice=notices.append))
+    room = 64 - 10
+    kept = ids[:1] + ids[-(room - 1):]
+    assert chat.fit_window(ids, 10) == (kept, notices[0]) and len(notices) == 1
+    assert f"{len(ids)} tokens" in notices[0] and "keeping the most recent 54" in notices[0]
+    results, _ = Engine(model, tok).generate_batch(kept, max_tokens=10, temperature=0.0)
+    assert "".join(pieces) == tok.decode(results[0][len(kept):])
+    # a short conversation is untouched and gives no notice; a long reply still leaves half the window
+    assert chat.fit_window(ids[:20], 10) == (ids[:20], None)
+    assert len(chat.fit_window(ids, 500)[0]) == 32
+
+
+def test_cli_long_prompt_without_megacontext_is_answered_with_a_notice(tiny_base_env):
+    tok = get_tokenizer()
+    model = tiny_model(tok)
+    save_tiny_checkpoint(model)
+    prompt = "Where is the castle by the river? " * 30
+    out = _run_cli(tiny_base_env, "-p", prompt, "--temperature", "0", "--max-tokens", "6", "--device-type", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("\n") == 1 and "longer than the model's 64-token window" in out.stderr
+    rendered = tok.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
+    ids = EngineChat(model, tok).fit_window(rendered, 6)[0]
+    results, _ = Engine(model, tok).generate_batch(ids, max_tokens=6, temperature=0.0)
+    assert out.stdout == tok.decode(results[0][len(ids):]) + "\n" and out.stdout.strip()
+
+
+def test_interactive_clear_keeps_a_persistent_memory():
+    class Persistent(RecordingChat):
+        persistent = True
+
+        class session:
+            memory_dir = "/tmp/mem"
+
+        def stats(self):
+            return {"num_tokens": 7}
+    chat = Persistent()
+    out = io.StringIO()
+    messages = interactive(chat, {}, inp=io.StringIO("first\nclear\n/stats\nsecond\n"), out=out)
+    text = out.getvalue()
+    assert "persistent memory" in text and "(conversation cleared)" not in text and "Memory: /tmp/mem" in text
+    assert 'stats: {"num_tokens": 7}' in text
+    assert len(messages) == 4  # clear did not drop the transcript

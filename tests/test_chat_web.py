@@ -185,3 +185,24 @@ def test_real_uvicorn_server(tiny_base_env):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_long_transcript_without_memory_gets_a_notice(tiny_base_env):
+    """No MegaContext weights: a transcript past the window is cut to its newest tokens, said in-band."""
+    tok = get_tokenizer()
+    model = tiny_model(tok)  # sequence_len 64
+    client = TestClient(create_app(model, tok, limits=Limits(max_max_tokens=16), defaults=Defaults(max_tokens=8)))
+    assert client.get("/health").json()["memory"] is False
+    messages = [_user("the river and the castle " * 30)]
+    r = client.post("/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 8,
+                                               "conversation_id": "abc_DEF-123"})  # valid, unused without memory
+    events = parse_sse(r.text.splitlines())
+    assert r.status_code == 200 and "keeping the most recent 56" in events[0]["notice"]
+    assert events[-1] == {"done": True} and all(set(e) == {"token"} for e in events[1:-1])
+    ids = tok.render_for_completion({"messages": messages})
+    kept = ids[:1] + ids[-55:]
+    results, _ = Engine(model, tok).generate_batch(kept, max_tokens=8, temperature=0.0)
+    assert "".join(e["token"] for e in events[1:-1]) == tok.decode(results[0][len(kept):])
+    bad = client.post("/chat/completions", json={"messages": messages, "conversation_id": "no/slashes"})
+    assert bad.status_code == 400 and "conversation_id must be" in bad.json()["error"]
+    assert client.get("/memory/abc").status_code == 404
