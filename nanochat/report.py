@@ -369,6 +369,12 @@ def main(argv=None):
         print(f"report written to {path}")
         if args.copy_to:
             dest = shutil.copy(path, args.copy_to)
+            # the report links its plots (PNGs beside report.md) by relative name: copy them along
+            dest_dir = os.path.dirname(os.path.abspath(dest))
+            if dest_dir != os.path.abspath(report.report_dir):
+                for name in sorted(os.listdir(report.report_dir)):
+                    if name.endswith(".png"):
+                        shutil.copy(os.path.join(report.report_dir, name), dest_dir)
             print(f"copied to {dest}")
 
 

@@ -128,6 +128,7 @@ def main(argv=None):
     parser.add_argument("--refocus-events", type=int, default=16)
     parser.add_argument("--memory-dir", default=None, help="where the tree goes (default: a temporary directory)")
     parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: autodetect)")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report section")
     args = parser.parse_args(argv)
     try:
         histories = sorted({int(float(h)) for h in args.histories.split(",") if h.strip()})
@@ -197,7 +198,31 @@ def main(argv=None):
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()
+    from nanochat.plots import plot_decode_ms
+    png = plot_decode_ms(res, os.path.join(os.path.dirname(os.path.abspath(out)), "mc_bench_decode.png"))
+    if not args.no_report:
+        from nanochat.report import get_report
+        get_report().log("MegaContext benchmark", [
+            {k: res[k] for k in ("ingest_tok_per_s", "bytes_per_token", "refocus_speedup", "decode_ratio_last_first")},
+            report_markdown(res, png)])
     return res
+
+
+def report_markdown(res, png):
+    """The report section body: decode cost per history length, and the plot (linked relative to report/)."""
+    c = res["config"]
+    lines = [f"Fixed budget {c['budget']} ({c['source']}, {c['n_layer']} layers x {c['n_embd']}, {c['device']}); "
+             f"decode runs the real session loop (tree append, refocus every {c['block_size']} tokens).", "",
+             "| history (tokens) | MegaContext ms/token | full KV ms/token | RSS MB | WC cost |",
+             "|---|---|---|---|---|"]
+    for h, row in res["decode_ms_per_token"].items():
+        full = "-" if row["full_kv"] is None else f"{row['full_kv']:.3f}"
+        lines.append(f"| {int(h):,} | {row['megacontext']:.3f} | {full} | {res['rss_mb'][h]} | "
+                     f"{res['wc'][h]['wc_cost']} |")
+    report_dir = os.path.join(get_base_dir(), "report")
+    link = os.path.relpath(png, report_dir) if os.path.dirname(os.path.abspath(png)) == report_dir else png
+    lines += ["", f"![decode ms/token vs history]({link})"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,555 @@
+"""
+MegaContext long-context evaluation (DESIGN.md sections 10 and 12): every method at the same budget
+on the same examples, written to JSON, to the report (markdown tables) and to PNG plots.
+
+    python -m scripts.mc_eval --source sft                     # full counts (GPU sized)
+    python -m scripts.mc_eval --source sft --quick             # small counts (dev/runcpu.sh)
+    python -m scripts.mc_eval --random-init --depth 2 --quick  # no checkpoint: a smoke test / timing run
+
+Methods (megacontext/baselines.py): truncation, sinks (StreamingLLM window), mean_pool (gists = mean
+of children, no GistNet), mc_recency (GistNet gists, recency pyramid, no LensNet), megacontext
+(LensNet focus, slot positions), megacontext_gaussian (the same working context, gaussian
+positions), full (all tokens raw; null where the history exceeds the GPT's sequence_len). Every
+method but full reads exactly the same number of GPT input slots (counted and checked per example).
+
+Tasks (tasks/longctx.py), filler = validation-shard text: passkey (5-digit key, greedy decoding, exact
+match that rejects near misses) at history = multiple x budget for each --multiples and needle
+depths --depths (trials cycle through the depths); needle (multi-key with near-miss decoys; the
+question names the key); kv_recall; long_doc (mean NLL of the last --doc-target tokens of
+--doc-tokens stretches of validation text, and the share of the truncation->full gap closed).
+
+Output JSON: {"config", "passkey": {"<multiple>": {"<method>": acc}}, "needle": {...}, "kv_recall":
+{...}, "long_doc": {"<method>": nll, "gap_closed": float}} plus extras: passkey_depth
+{"<multiple>": {"<depth>": {"<method>": acc}}}, lens_hit_rate {"<task>": {"<multiple>": {"<method>":
+share of examples whose asked key (or needle) is raw in the working context}}}, context_slots, long_doc_gap_closed
+(per method), position_scheme (slot vs gaussian), timings. Same checkpoint + flags -> same numbers.
+
+A checkpoint without GistNet/LensNet weights is an error; --baselines-only runs the methods that need
+none (truncation, sinks, mean_pool, full) and reports the MegaContext methods as null.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
+from megacontext.baselines import (MC_METHODS, METHODS, answer_matches, build_contexts, continuation_nll,
+                                   greedy_decode, span_is_raw)
+
+EXACT_TASKS = ("passkey", "needle", "kv_recall")
+TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4}
+BASELINES = ("truncation", "sinks", "mean_pool")
+QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
+SECTION = "MegaContext evaluation"
+
+
+# -----------------------------------------------------------------------------
+# inputs: models, text, examples
+
+class CachedTokenizer:
+    """Memoizes encode() of long strings: the task generators re-encode the whole filler every example."""
+
+    def __init__(self, tok):
+        self.tok, self._cache = tok, {}
+
+    def encode(self, text):
+        if len(text) < 256:
+            return self.tok.encode(text)
+        if text not in self._cache:
+            self._cache[text] = list(self.tok.encode(text))
+        return self._cache[text]
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def random_init_models(args, device):
+    from megacontext.config import MCConfig
+    from megacontext.gistnet import GistNet
+    from megacontext.lensnet import LensNet
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    cfg = MCConfig(budget=args.budget or 512, tail_tokens=128 if args.tail_tokens is None else args.tail_tokens)
+    torch.manual_seed(args.seed)
+    gpt = GPT(config_from_depth(args.depth, tok.get_vocab_size(), 2 * cfg.budget))
+    gpt.init_weights()
+    gistnet = GistNet(gpt.config.n_embd, cfg, gpt.config.n_head)
+    lensnet = LensNet(gpt.config.n_embd, cfg)
+    info = {"source": "random-init", "model_tag": None, "step": None, "mc_weights": True}
+    return gpt.to(device).eval(), gistnet.to(device).eval(), lensnet.to(device).eval(), tok, cfg, info
+
+
+def checkpoint_models(args, device):
+    """GPT + GistNet + LensNet + MCConfig of a checkpoint (GPT only, with --baselines-only, if MC weights lack)."""
+    from megacontext.config import MCConfig
+    from megacontext.runtime import MCSession, SessionError
+    try:
+        s = MCSession.load(args.source, args.model_tag, args.step, device)
+        gpt, gistnet, lensnet, tok, cfg, info = s.gpt, s.gistnet, s.lensnet, s.tokenizer, s.cfg, dict(s.source_info)
+        info["mc_weights"] = True
+    except SessionError as e:
+        if "no MegaContext weights" not in str(e) or not args.baselines_only:
+            hint = " (or pass --baselines-only to evaluate the methods that need no MC weights)" \
+                if "no MegaContext weights" in str(e) else ""
+            raise UserError(f"{e}{hint}") from None
+        from nanochat.checkpoint_manager import load_model
+        gpt, tok, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
+        gpt = gpt.float() if device.type != "cuda" else gpt
+        cfg, gistnet, lensnet = MCConfig(), None, None
+        info = {"source": args.source, "model_tag": args.model_tag, "step": meta.get("step"), "mc_weights": False}
+    changes = {k: v for k, v in (("budget", args.budget), ("tail_tokens", args.tail_tokens)) if v is not None}
+    try:
+        cfg = dataclasses.replace(cfg, **changes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return gpt, gistnet, lensnet, tok, cfg, info
+
+
+def val_texts(max_chars):
+    """Validation-shard documents in order, up to about max_chars characters (a full shard can be huge)."""
+    from nanochat.dataset import parquets_iter_batched
+    texts, n = [], 0
+    for batch in parquets_iter_batched("val"):
+        for t in batch:
+            if t.strip() and n < max_chars:
+                texts.append(t)
+                n += len(t)
+        if n >= max_chars:
+            break
+    if not texts:
+        raise UserError("the validation shard holds no text: rebuild the data with `python -m nanochat.dataset`")
+    return texts
+
+
+def example_rng(seed, task, multiple, trial):
+    """One generator per example: the same example whatever other flags (methods, trials) say."""
+    return np.random.default_rng([seed, TASK_IDS[task], int(multiple), int(trial)])
+
+
+def make_example(task, filler, tok, rng, n_tokens, depth=None):
+    from tasks.longctx import kv_recall, multikey, passkey
+    if task == "passkey":
+        return passkey(filler, tok, rng, n_tokens, depth=depth)
+    if task == "needle":
+        return multikey(filler, tok, rng, n_tokens)
+    return kv_recall(filler, tok, rng, n_tokens)
+
+
+def make_tree(ids, gistnet, gpt, cfg, chunk=1 << 15):
+    """A RAM tree over the history (GistNet gists stored like the runtime's, in the storage dtype)."""
+    from megacontext.tree import MCTree
+    tree = MCTree.ram(cfg, gistnet, gpt.transformer.wte, vocab_size=gpt.config.vocab_size)
+    for a in range(0, len(ids), chunk):
+        tree.append(ids[a:a + chunk])
+    return tree
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+def check_same_budget(ctxs, where):
+    """Every budgeted method must have read exactly the same number of GPT input slots."""
+    slots = {m: c.slots for m, c in ctxs.items() if c is not None and m != "full"}
+    if len(set(slots.values())) > 1:
+        raise AssertionError(f"methods read different numbers of slots at {where}: {slots}")
+    return slots
+
+
+@torch.no_grad()
+def eval_example(ex, models, methods, budget):
+    """{method: (correct or None, slots or None, needle raw in the WC or None)} for one example."""
+    gpt, gistnet, lensnet, tok, cfg = models
+    hist = ex.ids[:ex.answer_span[0]]  # history + question: the question is the present (raw tail)
+    n_new = ex.answer_span[1] - ex.answer_span[0] + 1  # one more token, so an extra digit is seen
+    tree = make_tree(hist, gistnet, gpt, cfg) if any(m in MC_METHODS for m in methods) else None
+    ctxs = build_contexts(hist, budget, cfg, gpt, methods, gistnet, lensnet, tree)
+    check_same_budget(ctxs, f"{len(hist)} tokens")
+    out = {}
+    for m, c in ctxs.items():
+        if c is None:
+            out[m] = (None, None, None)
+            continue
+        ok = answer_matches(tok.decode(greedy_decode(gpt, c, n_new)), ex.answer)
+        asked = (getattr(ex, "key_spans", None) or ex.needle_spans)[0]  # the key's tokens when known
+        hit = span_is_raw(c.wc, asked, cfg.block_size) if c.wc is not None else None
+        out[m] = (ok, c.slots, hit)
+    return out
+
+
+def _mean(xs):
+    xs = [float(x) for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def run_exact_task(task, models, methods, budget, multiples, trials, depths, filler, seed, progress=True):
+    """Accuracy, slots and LensNet hit rates per multiple and method (+ per depth for passkey)."""
+    from tqdm import tqdm
+    gpt, gistnet, lensnet, tok, cfg = models
+    acc, slots, hits, by_depth = {}, {}, {}, {}
+    bar = tqdm(total=len(multiples) * trials, desc=task, disable=not progress, leave=False)
+    skipped = []
+    for mult in multiples:
+        recs = []
+        for t in range(trials):
+            depth = depths[t % len(depths)] if task == "passkey" else None
+            try:
+                ex = make_example(task, filler, tok, example_rng(seed, task, mult, t), mult * budget, depth)
+            except ValueError as e:  # the history cannot hold the needles (a tiny budget): the cell is null
+                if "too short" not in str(e):
+                    raise
+                skipped.append(f"{task} {mult}x: {e}")
+                bar.update(trials - t)
+                break
+            recs.append((depth, eval_example(ex, models, methods, budget)))
+            bar.update(1)
+        recs = recs if len(recs) == trials else []
+        k = str(mult)
+        acc[k] = {m: _mean(r[m][0] for _, r in recs) for m in methods}
+        slots[k] = {m: _mean(r[m][1] for _, r in recs) for m in methods}
+        hits[k] = {m: _mean(r[m][2] for _, r in recs) for m in methods if m not in ("truncation", "sinks", "full")}
+        if task == "passkey":
+            by_depth[k] = {str(d): {m: _mean(r[m][0] for dd, r in recs if dd == d) for m in methods} for d in depths}
+    bar.close()
+    return acc, slots, hits, by_depth, skipped
+
+
+def doc_windows(texts, tok, doc_tokens, n_docs):
+    """n_docs non-overlapping stretches of doc_tokens tokens of contiguous validation text (evenly spaced)."""
+    ids = []
+    for t in texts:  # encode only as much text as the windows need
+        ids += tok.encode(t + "\n\n")
+        if len(ids) >= 4 * doc_tokens * n_docs:
+            break
+    n = min(n_docs, len(ids) // doc_tokens)
+    if n == 0:
+        return []
+    stride = len(ids) // n
+    return [ids[i * stride:i * stride + doc_tokens] for i in range(n)]
+
+
+@torch.no_grad()
+def run_long_doc(models, methods, budget, texts, doc_tokens, target, n_docs, progress=True):
+    """Mean NLL (nats/token) of each window's last `target` tokens given the rest, per method; gap closed."""
+    from tqdm import tqdm
+    gpt, gistnet, lensnet, tok, cfg = models
+    windows = doc_windows(texts, tok, doc_tokens, n_docs)
+    sums = {m: 0.0 for m in methods}
+    counts = {m: 0 for m in methods}
+    for w in tqdm(windows, desc="long_doc", disable=not progress, leave=False):
+        hist, tgt = w[:-target], w[-target:]
+        tree = make_tree(hist, gistnet, gpt, cfg) if any(m in MC_METHODS for m in methods) else None
+        ctxs = build_contexts(hist, budget, cfg, gpt, methods, gistnet, lensnet, tree)
+        check_same_budget(ctxs, f"long_doc {len(hist)} tokens")
+        for m, c in ctxs.items():
+            if c is not None:
+                s, n = continuation_nll(gpt, c, tgt)
+                sums[m] += s
+                counts[m] += n
+    nll = {m: round(sums[m] / counts[m], 4) if counts[m] else None for m in methods}
+    gaps = {}
+    lo, hi = nll.get("full"), nll.get("truncation")
+    for m in methods:
+        if m in ("truncation", "full") or nll[m] is None or lo is None or hi is None or abs(hi - lo) < 1e-6:
+            gaps[m] = None
+        else:
+            gaps[m] = round((hi - nll[m]) / (hi - lo), 4)
+    return nll, gaps, len(windows)
+
+
+def position_verdict(res):
+    """slot vs gaussian: mean accuracy over every exact-match cell; long-doc NLL breaks ties."""
+    a = {"slot": [], "gaussian": []}
+    for task in EXACT_TASKS:
+        for cell in res[task].values():
+            s, g = cell.get("megacontext"), cell.get("megacontext_gaussian")
+            if s is not None and g is not None:
+                a["slot"].append(s)
+                a["gaussian"].append(g)
+    out = {"cells": len(a["slot"]), "mean_acc_slot": _mean(a["slot"]), "mean_acc_gaussian": _mean(a["gaussian"]),
+           "long_doc_nll_slot": res["long_doc"].get("megacontext"),
+           "long_doc_nll_gaussian": res["long_doc"].get("megacontext_gaussian")}
+    winner = None
+    if out["cells"]:
+        d = out["mean_acc_slot"] - out["mean_acc_gaussian"]
+        winner = "slot" if d > 1e-9 else "gaussian" if d < -1e-9 else None
+        if winner is None and None not in (out["long_doc_nll_slot"], out["long_doc_nll_gaussian"]):
+            d = out["long_doc_nll_gaussian"] - out["long_doc_nll_slot"]
+            winner = "slot" if d > 1e-6 else "gaussian" if d < -1e-6 else None
+        winner = winner or "tie"
+    out["winner"] = winner
+    return out
+
+
+# -----------------------------------------------------------------------------
+# output: validation, report section, plots
+
+def validate_result(res):
+    """Raise ValueError naming what breaks the documented JSON shape (DESIGN.md section 12)."""
+    problems = []
+
+    def number_or_null(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+    for key in ("config", "passkey", "needle", "kv_recall", "long_doc"):
+        if not isinstance(res.get(key), dict):
+            problems.append(f"{key!r} must be an object")
+    for task in EXACT_TASKS:
+        for mult, cell in (res.get(task) or {}).items():
+            if not mult.isdigit() or not isinstance(cell, dict):
+                problems.append(f"{task}[{mult!r}] must map a multiple (digits) to {{method: accuracy}}")
+                continue
+            for m, v in cell.items():
+                if not number_or_null(v) or (v is not None and not 0 <= v <= 1):
+                    problems.append(f"{task}[{mult}][{m}] = {v!r} is not an accuracy in [0, 1] or null")
+    ld = res.get("long_doc") or {}
+    if "gap_closed" not in ld:
+        problems.append("long_doc needs 'gap_closed'")
+    for m, v in ld.items():
+        if not number_or_null(v):
+            problems.append(f"long_doc[{m}] = {v!r} is not a number or null")
+    if problems:
+        raise ValueError("mc_eval JSON does not match its documented shape: " + "; ".join(problems))
+    return True
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _acc_table(table, methods):
+    mults = list(table)
+    lines = ["| method | " + " | ".join(f"{m}x" for m in mults) + " |", "|---" * (len(mults) + 1) + "|"]
+    for meth in methods:
+        lines.append(f"| {meth} | " + " | ".join(_pct(table[m].get(meth)) for m in mults) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def losses(res, methods):
+    """Cells where full MegaContext does worse than the best budgeted baseline (quoted in the report)."""
+    out = []
+    for task in EXACT_TASKS:
+        for mult, cell in res[task].items():
+            mc = cell.get("megacontext")
+            base = {b: cell.get(b) for b in BASELINES if cell.get(b) is not None}
+            if mc is not None and base and max(base.values()) > mc:
+                b = max(base, key=base.get)
+                out.append(f"{task} {mult}x: megacontext {_pct(mc)} < {b} {_pct(base[b])}")
+    ld = res["long_doc"]
+    base = {b: ld.get(b) for b in BASELINES if ld.get(b) is not None}
+    if ld.get("megacontext") is not None and base and min(base.values()) < ld["megacontext"]:
+        b = min(base, key=base.get)
+        out.append(f"long_doc: megacontext NLL {ld['megacontext']:.4f} > {b} {base[b]:.4f}")
+    return out
+
+
+def report_markdown(res, images):
+    """The report section body: tables, plots (images: {name: path or link}), the slot/gaussian verdict."""
+    c = res["config"]
+    methods = c["methods"]
+    pv = res["position_scheme"]
+    parts = [f"Every method reads the same number of GPT input slots (budget {c['budget']}, block {c['block_size']}); "
+             f"`full` reads the whole history where it fits the GPT's sequence length ({c['sequence_len']}). "
+             f"Model: {c['source']}" + (f" step {c['step']}" if c.get("step") is not None else "") +
+             (" (random init: numbers are a smoke test, not evidence)" if c["source"] == "random-init" else "") + "."]
+    parts.append(f"### Passkey retrieval (exact match, {c['trials']} trials per cell, depths {c['depths']})\n\n"
+                 + _acc_table(res["passkey"], methods))
+    if "passkey" in images:
+        parts.append(f"![passkey accuracy vs history]({images['passkey']})")
+    if res.get("passkey_depth"):
+        focus = "megacontext" if "megacontext" in methods else methods[0]
+        grid = {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
+        depths = list(next(iter(grid.values())))
+        lines = ["| depth | " + " | ".join(f"{m}x" for m in grid) + " |", "|---" * (len(grid) + 1) + "|"]
+        lines += [f"| {float(d):.0%} | " + " | ".join(_pct(grid[m][d]) for m in grid) + " |" for d in depths]
+        parts.append(f"### Passkey by needle depth ({focus})\n\n" + "\n".join(lines) + "\n")
+        if "depth" in images:
+            parts.append(f"![passkey depth x length]({images['depth']})")
+    parts.append(f"### Multi-key needle with near-miss decoys ({c['needle_trials']} trials per cell)\n\n"
+                 + _acc_table(res["needle"], methods))
+    parts.append(f"### Key-value recall ({c['needle_trials']} trials per cell)\n\n"
+                 + _acc_table(res["kv_recall"], methods))
+    ld, gaps = res["long_doc"], res.get("long_doc_gap_closed", {})
+    rows = ["| method | NLL (nats/token) | share of truncation->full gap closed |", "|---|---|---|"]
+    rows += [f"| {m} | {'-' if ld.get(m) is None else f'{ld[m]:.4f}'} | {_pct(gaps.get(m))} |" for m in methods]
+    parts.append(f"### Long-document NLL (last {c['doc_target']} of {c['doc_tokens']} tokens, {c['docs_used']} "
+                 f"stretches of validation text)\n\n" + "\n".join(rows) + "\n")
+    hit = res.get("lens_hit_rate", {}).get("passkey", {})
+    if hit:
+        hm = [m for m in ("mean_pool", "mc_recency", "megacontext") if m in methods]
+        lines = ["| method | " + " | ".join(f"{m}x" for m in hit) + " |", "|---" * (len(hit) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(_pct(hit[k].get(m)) for k in hit) + " |" for m in hm]
+        parts.append("### Passkey needle raw in the working context (LensNet hit rate)\n\n" + "\n".join(lines) + "\n")
+    verdict = ("not measured (needs megacontext and megacontext_gaussian, i.e. MC weights)" if pv["winner"] is None else
+               f"**{pv['winner']}** (mean accuracy over {pv['cells']} cells: slot {_pct(pv['mean_acc_slot'])}, "
+               f"gaussian {_pct(pv['mean_acc_gaussian'])}; long-doc NLL slot {pv['long_doc_nll_slot']}, "
+               f"gaussian {pv['long_doc_nll_gaussian']})")
+    parts.append(f"### Position scheme: slot vs gaussian\n\nWinner on this checkpoint: {verdict}.")
+    lost = losses(res, methods) if pv["winner"] is not None else []
+    parts.append("### Where MegaContext loses\n\n" + ("\n".join(f"- {x}" for x in lost) if lost else
+                 "No cell where full MegaContext is below the best budgeted baseline."))
+    return "\n\n".join(parts) + "\n"
+
+
+def headline(res):
+    """A few '- key: value' bullets for the report's summary table (MC column)."""
+    out = {}
+    for m in ("truncation", "megacontext"):
+        v = _mean(cell.get(m) for cell in res["passkey"].values())
+        if v is not None:
+            out[f"mc passkey acc {m}"] = v
+    if res["long_doc"].get("gap_closed") is not None:
+        out["mc long_doc gap_closed"] = res["long_doc"]["gap_closed"]
+    return out
+
+
+def write_plots(res, out_dir):
+    from nanochat.plots import plot_accuracy_vs_multiple, plot_depth_heatmap
+    paths = {"passkey": plot_accuracy_vs_multiple(res["passkey"], os.path.join(out_dir, "mc_eval_passkey.png"))}
+    if res.get("passkey_depth"):
+        methods = res["config"]["methods"]
+        focus = "megacontext" if "megacontext" in methods else methods[0]
+        grid = {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
+        paths["depth"] = plot_depth_heatmap(grid, os.path.join(out_dir, "mc_eval_depth.png"),
+                                            title=f"{focus}: passkey accuracy by needle depth")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+
+def parse_list(s, typ, name):
+    try:
+        vals = [typ(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name} must be a comma list, got {s!r}") from None
+    if not vals:
+        raise UserError(f"--{name} is empty")
+    return vals
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="MegaContext long-context evaluation: passkey, multi-key needle, key-value "
+                                            "recall and long-document NLL, every method at the same budget.")
+    p.add_argument("--source", choices=["base", "mid", "sft"], default=None, help="checkpoint stage to evaluate")
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON output (default: $NANOCHAT_BASE_DIR/report/mc_eval.json); "
+                                               "plots go beside it")
+    p.add_argument("--random-init", action="store_true", help="evaluate a random-init model (no checkpoint)")
+    p.add_argument("--depth", type=int, default=2, help="random-init GPT depth (default 2)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="a checkpoint without MegaContext weights: run truncation/sinks/mean_pool/full only")
+    p.add_argument("--budget", type=int, default=None, help="working-context budget (default: the checkpoint's; 512)")
+    p.add_argument("--tail-tokens", type=int, default=None, help="protected raw tail (default: the checkpoint's; 128)")
+    p.add_argument("--trials", type=int, default=50, help="passkey examples per history multiple (default 50)")
+    p.add_argument("--needle-trials", type=int, default=None, help="multi-key / kv-recall examples per multiple "
+                                                                   "(default: --trials)")
+    p.add_argument("--multiples", default="1,4,16,64,256", help="histories as multiples of the budget")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey needle depths (fractions)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--tasks", default="passkey,needle,kv_recall,long_doc")
+    p.add_argument("--docs", type=int, default=50, help="long-document stretches (default 50)")
+    p.add_argument("--doc-tokens", type=int, default=None, help="tokens per long-document stretch, history + "
+                                                                "target (default: the GPT's sequence_len)")
+    p.add_argument("--doc-target", type=int, default=64, help="scored tokens at the end of each stretch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help=f"small counts for CPU runs: {QUICK}")
+    p.add_argument("--no-report", action="store_true", help="do not write the report section")
+    p.add_argument("--device", default=None, help="cuda / mps / cpu (default: autodetect)")
+    args = p.parse_args(argv)
+    if args.quick:  # quick only lowers what the user left at its default
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if (args.source is None) == (not args.random_init):
+        raise UserError("pass exactly one of --source {base,mid,sft} or --random-init")
+    multiples = sorted(set(parse_list(args.multiples, int, "multiples")))
+    depths = parse_list(args.depths, float, "depths")
+    methods = parse_list(args.methods, str, "methods")
+    tasks = parse_list(args.tasks, str, "tasks")
+    bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASK_IDS]
+    if bad:
+        raise UserError(f"unknown method/task {bad}: methods are {METHODS}, tasks {tuple(TASK_IDS)}")
+    if multiples[0] < 1 or not all(0 <= d <= 1 for d in depths) or args.trials < 1 or args.docs < 1:
+        raise UserError("--multiples must be >= 1, --depths in [0, 1], --trials and --docs >= 1")
+    needle_trials = args.needle_trials or args.trials
+    device = torch.device(args.device or autodetect_device_type())
+    t_start = time.perf_counter()
+    load = random_init_models if args.random_init else checkpoint_models
+    gpt, gistnet, lensnet, tok, cfg, info = load(args, device)
+    if not info["mc_weights"]:
+        methods = [m for m in methods if m not in MC_METHODS]
+        print(f"warning: {args.source} checkpoint has no MegaContext weights: running {methods} only")
+    budget = cfg.budget
+    doc_tokens = args.doc_tokens or gpt.config.sequence_len
+    if doc_tokens <= args.doc_target or args.doc_target < 2:
+        raise UserError(f"--doc-tokens ({doc_tokens}) must exceed --doc-target ({args.doc_target}) >= 2")
+    models = (gpt, gistnet, lensnet, CachedTokenizer(tok), cfg)
+    # enough text for the longest history several times over (~4 characters per token) and the long documents
+    texts = val_texts(max(4_000_000, 24 * multiples[-1] * budget, 24 * args.docs * doc_tokens))
+    filler = " ".join(texts)
+    out = args.out or os.path.join(get_base_dir(), "report", "mc_eval.json")
+    config = {"source": info["source"], "model_tag": info.get("model_tag"), "step": info.get("step"),
+              "mc_weights": info["mc_weights"], "device": str(device), "n_layer": gpt.config.n_layer,
+              "n_embd": gpt.config.n_embd, "vocab": gpt.config.vocab_size, "sequence_len": gpt.config.sequence_len,
+              "budget": budget, "block_size": cfg.block_size, "tail_tokens": cfg.tail_tokens,
+              "max_level": cfg.max_level, "positions": cfg.positions, "methods": methods, "tasks": tasks,
+              "multiples": multiples, "depths": depths, "trials": args.trials, "needle_trials": needle_trials,
+              "docs": args.docs, "doc_tokens": doc_tokens, "doc_target": args.doc_target, "seed": args.seed,
+              "quick": args.quick}
+    res = {"config": config, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None},
+           "passkey_depth": {}, "lens_hit_rate": {}, "context_slots": {}, "long_doc_gap_closed": {}, "skipped": [],
+           "timings": {}}
+    print(f"mc_eval: {info['source']} GPT depth {gpt.config.n_layer} width {gpt.config.n_embd}, budget {budget}, "
+          f"methods {methods}, device {device}")
+    for task in EXACT_TASKS:
+        if task not in tasks:
+            continue
+        t0 = time.perf_counter()
+        n = args.trials if task == "passkey" else needle_trials
+        acc, slots, hits, by_depth, skipped = run_exact_task(task, models, methods, budget, multiples, n, depths,
+                                                             filler, args.seed)
+        res[task], res["context_slots"][task], res["lens_hit_rate"][task] = acc, slots, hits
+        res["skipped"] += skipped
+        if task == "passkey":
+            res["passkey_depth"] = by_depth
+        res["timings"][task] = round(time.perf_counter() - t0, 2)
+        for mult, cell in acc.items():
+            print(f"{task:9s} {mult:>4s}x  " + "  ".join(f"{m} {_pct(v)}" for m, v in cell.items()))
+    if "long_doc" in tasks:
+        t0 = time.perf_counter()
+        nll, gaps, used = run_long_doc(models, methods, budget, texts, doc_tokens, args.doc_target, args.docs)
+        res["long_doc"] = dict(nll, gap_closed=gaps.get("megacontext"))
+        res["long_doc_gap_closed"] = gaps
+        res["timings"]["long_doc"] = round(time.perf_counter() - t0, 2)
+        print("long_doc  NLL  " + "  ".join(f"{m} {'-' if v is None else f'{v:.4f}'}" for m, v in nll.items())
+              + f"  gap closed {res['long_doc']['gap_closed']}")
+    else:
+        used = 0
+    config["docs_used"] = used
+    res["position_scheme"] = position_verdict(res)
+    res["timings"]["total"] = round(time.perf_counter() - t_start, 2)
+    validate_result(res)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    images = write_plots(res, out_dir)
+    print(f"wrote {out} and {', '.join(os.path.basename(p) for p in images.values())}; "
+          f"slot vs gaussian: {res['position_scheme']['winner']}; {res['timings']['total']:.0f} s")
+    if not args.no_report:
+        from nanochat.report import get_report
+        report_dir = os.path.join(get_base_dir(), "report")
+        links = {k: os.path.relpath(v, report_dir) if os.path.dirname(os.path.abspath(v)) == report_dir else v
+                 for k, v in images.items()}
+        get_report().log(SECTION, [headline(res), report_markdown(res, links)])
+    return res
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,320 @@
+"""
+The long-context evaluation (scripts/mc_eval.py, megacontext/baselines.py, nanochat/plots.py):
+budgets counted per method, the exact-match scorer, the reading paths against full recomputes, the
+JSON shape, determinism, plots, the report section, and checkpoints with and without MC weights.
+"""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacontext.baselines import (METHODS, SINKS, answer_matches, build_contexts, continuation_nll, greedy_decode,
+                                   lens_focus, mean_pool_reader, shared_length, span_is_raw)
+from megacontext.config import MCConfig
+from megacontext.gistnet import GistLevels, GistNet, build_gists
+from megacontext.kvcache import full_logits
+from megacontext.lensnet import LensNet
+from megacontext.working_context import append_tokens, recency_pyramid, wc_cost
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+
+V = 512
+
+
+def tiny_models(budget=128, tail=32, seq_len=256, seed=0, n_embd=64, max_level=3):
+    """A depth-1 GPT whose every weight is random (not the identity-at-init blocks), so that context,
+    positions and gists change its outputs; plus an untrained GistNet and a LensNet."""
+    torch.manual_seed(seed)
+    cfg = MCConfig(budget=budget, tail_tokens=tail, max_level=max_level, lens_dim=32, lens_heads=2, lens_layers=1)
+    gpt = GPT(GPTConfig(sequence_len=seq_len, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=n_embd))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            p.normal_(0, 1.0 if "wte" in name else 0.5 / p.size(-1) ** 0.5)
+    gistnet = GistNet(n_embd, cfg, 2)
+    lensnet = LensNet(n_embd, cfg)
+    return gpt.eval(), gistnet.eval(), lensnet.eval(), cfg
+
+
+def make_tree(ids, gistnet, gpt, cfg):
+    from scripts.mc_eval import make_tree as mk
+    return mk(ids, gistnet, gpt, cfg)
+
+
+# -----------------------------------------------------------------------------
+# the scorer
+
+def test_answer_matches_rejects_near_misses():
+    assert answer_matches(" 12345", " 12345")
+    assert answer_matches("12345. Remember", " 12345")
+    assert answer_matches(" 12345\n", "12345")
+    for near in (" 12346", " 02345", " 1234", " 123456", " 12 345", " x12345", "", " ", " 1234.5", "-12345"):
+        assert not answer_matches(near, " 12345"), near
+    assert answer_matches(" blue door", "blue")
+    assert not answer_matches(" blueberry", "blue")
+
+
+def test_scorer_on_decoded_tokens(tiny_base_dir, monkeypatch):
+    """The scorer sees decoded text: a near miss tokenized differently is still rejected."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", tiny_base_dir)
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    for gen, ok in ((" 48213.", True), (" 48214.", False), (" 482130", False), (" 4821", False)):
+        assert answer_matches(tok.decode(tok.encode(gen)), " 48213") is ok
+
+
+# -----------------------------------------------------------------------------
+# budgets, counted
+
+@pytest.mark.parametrize("n", [40, 128, 161, 300, 1000, 5000])
+def test_every_method_reads_the_same_counted_budget(n):
+    gpt, gistnet, lensnet, cfg = tiny_models()
+    ids = np.random.default_rng(n).integers(0, V, n).tolist()
+    tree = make_tree(ids, gistnet, gpt, cfg)
+    ctxs = build_contexts(ids, cfg.budget, cfg, gpt, METHODS, gistnet, lensnet, tree)
+    L = shared_length(n, cfg.budget, cfg)
+    assert L <= cfg.budget and (n <= cfg.budget) == (L == n)
+    if n > cfg.budget:  # no expansion of the recency pyramid would still fit
+        assert L == wc_cost(recency_pyramid(n, cfg.budget, cfg), cfg.block_size) > cfg.budget - (cfg.block_size - 1)
+    wte = gpt.transformer.wte
+    for m, c in ctxs.items():
+        if m == "full":
+            assert (c is None) == (n > gpt.config.sequence_len)
+            if c is not None:
+                assert c.slots == n
+            continue
+        assert c.slots == L == c.embeds.size(0) == c.pos.numel(), m  # counted GPT input length
+        if c.wc is not None:
+            assert wc_cost(c.wc, cfg.block_size) == L and c.wc.num_tokens == n
+    # what the raw baselines read, token for token
+    assert torch.equal(ctxs["truncation"].embeds, wte(torch.tensor(ids[n - L:])))
+    s = min(SINKS, L) if L < n else L
+    assert torch.equal(ctxs["sinks"].embeds[:s], wte(torch.tensor(ids[:s])))
+    if L > s:
+        assert torch.equal(ctxs["sinks"].embeds[s:], wte(torch.tensor(ids[n - (L - s):])))
+    # the two position schemes read the same focused working context
+    assert ctxs["megacontext"].wc == ctxs["megacontext_gaussian"].wc
+    assert ctxs["megacontext"].sigma is None and ctxs["megacontext_gaussian"].sigma is not None
+
+
+def test_eval_refuses_unequal_budgets():
+    from scripts.mc_eval import check_same_budget
+    from megacontext.baselines import Context
+    a = Context(torch.zeros(10, 4), torch.arange(10.0))
+    b = Context(torch.zeros(11, 4), torch.arange(11.0))
+    assert check_same_budget({"truncation": a, "mc_recency": a, "full": b}, "x") == {"truncation": 10, "mc_recency": 10}
+    with pytest.raises(AssertionError, match="different numbers of slots"):
+        check_same_budget({"truncation": a, "sinks": b}, "x")
+
+
+# -----------------------------------------------------------------------------
+# readers and reading paths against references
+
+def test_mean_pool_gists_equal_an_untrained_gistnet():
+    """An untrained GistNet is exactly a mean pool: the no-GistNet baseline must give the same gists."""
+    gpt, gistnet, _, cfg = tiny_models()
+    ids = torch.randint(0, V, (32 ** 2 * 2 + 77,))
+    mp = mean_pool_reader(ids.tolist(), gpt.transformer.wte, cfg, chunk=1000)
+    with torch.no_grad():
+        ref = GistLevels(ids, build_gists(gistnet, gpt.transformer.wte(ids), cfg))
+    for L in range(1, cfg.max_level + 1):
+        assert mp.count(L) == ref.count(L) == ids.numel() // 32 ** L
+        torch.testing.assert_close(mp.gists(L, 0, mp.count(L)), ref.gists(L, 0, ref.count(L)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme_method", ["mean_pool", "megacontext", "megacontext_gaussian", "truncation"])
+def test_continuation_nll_and_decode_match_full_recompute(scheme_method):
+    gpt, gistnet, lensnet, cfg = tiny_models()
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, V, 700).tolist()
+    hist, tgt = ids[:650], ids[650:]
+    tree = make_tree(hist, gistnet, gpt, cfg)
+    ctx = build_contexts(hist, cfg.budget, cfg, gpt, [scheme_method], gistnet, lensnet, tree)[scheme_method]
+    s, m = continuation_nll(gpt, ctx, tgt)
+    if ctx.wc is not None:  # reference: the WC grown by the target tokens, read from scratch
+        scheme = "gaussian" if scheme_method.endswith("gaussian") else "slot"
+        reader = mean_pool_reader(ids, gpt.transformer.wte, cfg) if scheme_method == "mean_pool" \
+            else make_tree(ids, gistnet, gpt, cfg)
+        logits = full_logits(gpt, append_tokens(ctx.wc, len(ids), cfg), reader, cfg, scheme)
+    else:
+        with torch.no_grad():
+            logits = gpt(torch.tensor([ids[650 - ctx.slots:-1]]))[0]
+    ref = F.cross_entropy(logits[ctx.slots - 1:ctx.slots - 1 + m], torch.tensor(tgt), reduction="sum")
+    assert m == len(tgt) and abs(s - float(ref)) < 1e-3 * m
+    # greedy decoding with the KV cache = argmax of full recomputes, token by token
+    out = greedy_decode(gpt, ctx, 5)
+    seq = []
+    for t in out:
+        x = torch.cat([ctx.embeds, gpt.transformer.wte(torch.tensor(seq, dtype=torch.long))]) if seq else ctx.embeds
+        pos = torch.cat([ctx.pos, ctx.next_pos + torch.arange(len(seq), dtype=torch.float32)])
+        sig = None if ctx.sigma is None else torch.cat([ctx.sigma, torch.zeros(len(seq))])[None]
+        with torch.no_grad():
+            lg = gpt(inputs_embeds=x[None], pos=pos[None], pos_sigma=sig)[0, -1]
+        assert int(lg.argmax()) == t
+        seq.append(t)
+
+
+def test_lens_focus_fills_the_budget_and_hit_detection():
+    gpt, gistnet, lensnet, cfg = tiny_models()
+    n = 3000
+    ids = np.random.default_rng(3).integers(0, V, n).tolist()
+    tree = make_tree(ids, gistnet, gpt, cfg)
+    wc = lens_focus(n, cfg.budget, cfg, lensnet, tree, gpt.transformer.wte)
+    assert wc_cost(wc, 32) == shared_length(n, cfg.budget, cfg)
+    pyr = recency_pyramid(n, cfg.budget, cfg)
+    assert span_is_raw(pyr, (n - 10, n), 32) and not span_is_raw(pyr, (5, 9), 32)
+
+
+# -----------------------------------------------------------------------------
+# the script: JSON shape, determinism, plots, report
+
+def _run(out, extra=()):
+    from scripts.mc_eval import main
+    return main(["--random-init", "--depth", "1", "--budget", "128", "--tail-tokens", "32", "--trials", "4",
+                 "--needle-trials", "2", "--multiples", "1,4", "--depths", "0.1,0.9", "--docs", "2",
+                 "--out", str(out)] + list(extra))
+
+
+def _strip_timings(d):
+    return {k: v for k, v in d.items() if k != "timings"}
+
+
+def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
+    from scripts.mc_eval import validate_result
+    res = _run(tmp_path / "a" / "mc_eval.json")
+    with open(tmp_path / "a" / "mc_eval.json") as f:
+        a = json.load(f)
+    assert validate_result(a)
+    assert set(a) >= {"config", "passkey", "needle", "kv_recall", "long_doc"}
+    assert list(a["passkey"]) == ["1", "4"] and set(a["passkey"]["1"]) == set(METHODS)
+    assert a["passkey"]["4"]["full"] is None and a["passkey"]["1"]["full"] is not None  # 4x > sequence_len
+    assert "gap_closed" in a["long_doc"] and set(a["long_doc"]) == set(METHODS) | {"gap_closed"}
+    assert set(a["passkey_depth"]["1"]) == {"0.1", "0.9"}
+    for task in ("passkey", "needle", "kv_recall"):  # the counted budget, recorded per cell
+        for cell in a["context_slots"][task].values():
+            used = {v for m, v in cell.items() if m != "full" and v is not None}
+            assert len(used) <= 1 and all(v <= 128 for v in used)
+    assert a["position_scheme"]["winner"] in ("slot", "gaussian", "tie")
+    # determinism: same flags, same numbers
+    _run(tmp_path / "b" / "mc_eval.json")
+    with open(tmp_path / "b" / "mc_eval.json") as f:
+        b = json.load(f)
+    assert _strip_timings(a) == _strip_timings(b) == json.loads(json.dumps(_strip_timings(res)))
+    # plots: real PNG files beside the JSON
+    for name in ("mc_eval_passkey.png", "mc_eval_depth.png"):
+        with open(tmp_path / "a" / name, "rb") as f:
+            head = f.read(8)
+        assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / "a" / name) > 1000
+    # report section: tables for every task and method, the verdict, the losses
+    with open(os.path.join(tiny_base_env, "report", "megacontext-evaluation.md")) as f:
+        md = f.read()
+    for s in ("## MegaContext evaluation", "### Passkey retrieval", "### Multi-key needle", "### Key-value recall",
+              "### Long-document NLL", "slot vs gaussian", "Where MegaContext loses", "| megacontext_gaussian |",
+              "mc_eval_passkey.png"):
+        assert s in md, s
+    from nanochat.report import get_report
+    assert "### Passkey retrieval" in open(get_report().generate()).read()
+
+
+def test_validate_result_rejects_bad_shapes():
+    from scripts.mc_eval import validate_result
+    good = {"config": {}, "passkey": {"4": {"truncation": 0.5, "full": None}}, "needle": {}, "kv_recall": {},
+            "long_doc": {"truncation": 2.0, "gap_closed": None}}
+    assert validate_result(good)
+    for bad in ({**good, "passkey": {"4x": {"truncation": 0.5}}}, {**good, "passkey": {"4": {"truncation": 1.5}}},
+                {**good, "long_doc": {"truncation": 2.0}}, {k: v for k, v in good.items() if k != "needle"},
+                {**good, "long_doc": {"truncation": float("nan"), "gap_closed": 0.1}}):
+        with pytest.raises(ValueError, match="documented shape"):
+            validate_result(bad)
+
+
+def _save_ckpt(base, with_mc):
+    from nanochat.checkpoint_manager import save_checkpoint
+    gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
+    data = {"gpt": gpt.state_dict()}
+    meta = {"model_config": asdict(gpt.config), "step": 5}
+    if with_mc:
+        data.update(gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict())
+        meta["mc_config"] = cfg.to_dict()
+    save_checkpoint(os.path.join(base, "base_checkpoints", "d1"), 5, data, None, meta)
+
+
+def test_checkpoint_sources(tiny_base_env, tmp_path):
+    from scripts.mc_eval import main
+    flags = ["--trials", "2", "--needle-trials", "1", "--multiples", "4", "--depths", "0.5", "--docs", "1",
+             "--tasks", "passkey,long_doc", "--no-report"]
+    _save_ckpt(tiny_base_env, with_mc=False)
+    with pytest.raises(UserError, match="baselines-only"):
+        main(["--source", "base", "--out", str(tmp_path / "x.json")] + flags)
+    res = main(["--source", "base", "--baselines-only", "--budget", "128", "--tail-tokens", "32",
+                "--out", str(tmp_path / "y.json")] + flags)
+    assert res["config"]["mc_weights"] is False and set(res["passkey"]["4"]) == {"truncation", "sinks", "mean_pool",
+                                                                                  "full"}
+    assert res["position_scheme"]["winner"] is None
+    _save_ckpt(tiny_base_env, with_mc=True)
+    res = main(["--source", "base", "--out", str(tmp_path / "z.json")] + flags)
+    assert res["config"]["mc_weights"] is True and res["config"]["budget"] == 128 and res["config"]["step"] == 5
+    assert set(res["passkey"]["4"]) == set(METHODS)
+
+
+def test_plot_decode_ms(tmp_path):
+    from nanochat.plots import plot_decode_ms
+    bench = {"config": {"budget": 512}, "decode_ms_per_token": {"1000": {"megacontext": 2.0, "full_kv": 1.5},
+                                                                "1000000": {"megacontext": 2.1, "full_kv": None}}}
+    p = plot_decode_ms(bench, str(tmp_path / "d.png"))
+    with open(p, "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+
+def test_long_doc_nll_and_gap_closed(tiny_base_dir, tiny_docs, monkeypatch):
+    """run_long_doc on a GPT that reads its context: per-method NLL and the gap formula, exactly."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", tiny_base_dir)
+    from nanochat.tokenizer import get_tokenizer
+    from scripts.mc_eval import CachedTokenizer, doc_windows, run_long_doc
+    gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
+    tok = CachedTokenizer(get_tokenizer())
+    texts = tiny_docs[-24:]
+    nll, gaps, used = run_long_doc((gpt, gistnet, lensnet, tok, cfg), list(METHODS), 128, texts, 256, 32, 3,
+                                   progress=False)
+    assert used == len(doc_windows(texts, tok, 256, 3)) == 3
+    assert all(isinstance(nll[m], float) and 0 < nll[m] < 20 for m in METHODS)
+    assert len({nll[m] for m in METHODS}) > 1  # the context matters to this GPT: methods differ
+    lo, hi = nll["full"], nll["truncation"]
+    for m in ("sinks", "mean_pool", "mc_recency", "megacontext", "megacontext_gaussian"):
+        assert gaps[m] == pytest.approx((hi - nll[m]) / (hi - lo), abs=2e-3)
+    assert gaps["truncation"] is None and gaps["full"] is None
+
+
+def test_report_quotes_where_megacontext_loses():
+    from scripts.mc_eval import position_verdict, report_markdown
+    methods = ["truncation", "megacontext", "megacontext_gaussian", "full"]
+    res = {"config": {"methods": methods, "budget": 512, "block_size": 32, "sequence_len": 1024, "source": "sft",
+                      "step": 3, "trials": 50, "needle_trials": 50, "depths": [0.5], "doc_target": 64,
+                      "doc_tokens": 1024, "docs_used": 50},
+           "passkey": {"4": {"truncation": 0.5, "megacontext": 0.1, "megacontext_gaussian": 0.3, "full": None}},
+           "needle": {"4": {"truncation": 0.0, "megacontext": 0.2, "megacontext_gaussian": 0.2, "full": None}},
+           "kv_recall": {}, "long_doc": {"truncation": 3.0, "megacontext": 3.2, "megacontext_gaussian": 3.1,
+                                         "full": 2.5, "gap_closed": -0.4}}
+    res["position_scheme"] = position_verdict(res)
+    assert res["position_scheme"]["winner"] == "gaussian" and res["position_scheme"]["cells"] == 2
+    md = report_markdown(res, {})
+    assert "passkey 4x: megacontext 10.0% < truncation 50.0%" in md
+    assert "long_doc: megacontext NLL 3.2000 > truncation 3.0000" in md
+    assert "needle 4x" not in md.split("Where MegaContext loses")[1]
+    assert "**gaussian**" in md
+
+
+def test_mc_bench_report_section(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    from scripts.mc_bench import report_markdown
+    res = {"config": {"budget": 512, "source": "random-init", "n_layer": 2, "n_embd": 128, "device": "cpu",
+                      "block_size": 32},
+           "decode_ms_per_token": {"1000": {"megacontext": 2.5, "full_kv": 1.25}, "1000000": {"megacontext": 2.75,
+                                                                                               "full_kv": None}},
+           "rss_mb": {"1000": 300.0, "1000000": 900.0}, "wc": {"1000": {"wc_cost": 500}, "1000000": {"wc_cost": 505}}}
+    md = report_markdown(res, str(tmp_path / "report" / "mc_bench_decode.png"))
+    assert "| 1,000 | 2.500 | 1.250 | 300.0 | 500 |" in md and "| 1,000,000 | 2.750 | - | 900.0 | 505 |" in md
+    assert "](mc_bench_decode.png)" in md  # relative to report.md
