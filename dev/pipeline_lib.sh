@@ -9,13 +9,16 @@
 #   TOK_TRAIN_ARGS BASE_TRAIN_ARGS MID_TRAIN_ARGS SFT_ARGS CHAT_EVAL_ARGS   extra flags (bash arrays)
 #
 # Flags: --dry-run prints every command of the plan, one per line on stdout, and runs nothing
-# (progress notes go to stderr); --mc trains with MegaContext (see MC_FLAGS below).
+# (progress notes go to stderr); --mc trains with MegaContext (see MC_FLAGS below; MC_EXTRA_FLAGS,
+# a bash array, adds --mc-* flags to base_train, whose MCConfig the later stages inherit).
 # Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds everything the run makes;
 # WANDB_RUN names a wandb run (default "dummy": no wandb).
 
 DRY_RUN=0
 MC=0
 MC_FLAGS=()
+MC_BASE_FLAGS=()
+MC_EXTRA_FLAGS=("${MC_EXTRA_FLAGS[@]}")
 BG_PIDS=()
 
 note() { echo "[$NAME] $*" >&2; }
@@ -132,10 +135,12 @@ setup_env() {
   fi
   if [ "$MC" = 1 ]; then
     # MegaContext: the flags appended to the training commands (base_train, mid_train, chat_sft).
-    # Empty for now: the training scripts gain their MegaContext flags in the MegaContext
-    # training issue, which fills this in (e.g. MC_FLAGS=(--mc)); --mc then needs no other change.
-    MC_FLAGS=()
-    [ "${#MC_FLAGS[@]}" -gt 0 ] || note "--mc: the training scripts take no MegaContext flags yet; the plan is the plain one"
+    # base_train builds GistNet + LensNet and stores them with the MCConfig (the --mc-* flags, here
+    # the defaults: budget 512, K=32); mid_train and chat_sft load them from the previous stage and
+    # take the MCConfig from its checkpoint, mid_train also mixing the long-context tasks in.
+    # MC_EXTRA_FLAGS (a bash array a run script may set) adds e.g. --mc-budget=1024 to base_train.
+    MC_FLAGS=(--mc)
+    MC_BASE_FLAGS=(--mc "${MC_EXTRA_FLAGS[@]}")
   fi
 }
 
@@ -161,7 +166,7 @@ pipeline_main() {
   wait_bg
 
   note "pretraining"
-  launch scripts.base_train --depth="$DEPTH" --run="$WANDB_RUN" "${BASE_TRAIN_ARGS[@]}" "${MC_FLAGS[@]}"
+  launch scripts.base_train --depth="$DEPTH" --run="$WANDB_RUN" "${BASE_TRAIN_ARGS[@]}" "${MC_BASE_FLAGS[@]}"
   launch scripts.base_loss
   launch scripts.base_eval
 

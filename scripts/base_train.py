@@ -11,6 +11,11 @@ from its last checkpoint (model, optimizers, data position, step), reproducing t
 exactly on CPU. The final checkpoint is written before the final evaluation, so a crash in the
 evaluation never loses the training.
 
+`--mc` trains with MegaContext (DESIGN.md section 8): GistNet and LensNet (widths from the GPT) join
+the run as AdamW groups, the loss is megacontext.objective.MCObjective's (its plain-LM share keeps
+base quality), and checkpoints carry "gistnet", "lensnet" and meta["mc_config"]. The `--mc-*` flags
+set the MCConfig; the objective's metrics are averaged over each --log-every window.
+
 DDP does not use the DistributedDataParallel wrapper: gradients are averaged by optim.sync_grads
 after the accumulation micro-steps, the same path for the GPT and for any extra module.
 """
@@ -31,6 +36,8 @@ from nanochat.optim import setup_optimizers, sync_grads
 from nanochat.checkpoint_manager import save_checkpoint, save_meta, load_checkpoint, find_last_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
+from megacontext.config import add_mc_args
+from megacontext.telemetry import MetricWindow, for_wandb, format_metrics
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -77,7 +84,18 @@ def get_args(argv=None):
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="STEP",
                    help="continue from the last checkpoint of --model-tag (or from step STEP)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--mc", action="store_true", help="train with MegaContext (GistNet + LensNet, MCObjective)")
+    add_mc_args(p)
     return p.parse_args(argv)
+
+
+MC_LOG_KEYS = ("mc/loss", "mc/lens_loss", "mc/lens_agreement", "mc/delta_nll", "mc/budget_utilization")
+
+
+def mc_log_line(means):
+    """The compact MegaContext part of a step line: the main metrics and the phase timings."""
+    keys = [k for k in MC_LOG_KEYS if k in means] + sorted(k for k in means if k.endswith("_ms"))
+    return format_metrics({k.removeprefix("mc/"): means[k] for k in keys}, digits=4)
 
 
 def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
@@ -117,6 +135,15 @@ def training_loss(model, x, y, step):
     `extra_modules` in main(), which puts them in the optimizer, the grad sync and the checkpoints).
     """
     return model(x, y), {}
+
+
+def mc_report_rows(mc_cfg, mc_means, train_loss, val_bpb, tok_per_sec):
+    """The MegaContext part of a stage's report section (empty without --mc)."""
+    if mc_cfg is None:
+        return []
+    from megacontext.checkpoint import mc_report
+    return [{"MegaContext": "on", "mc_config": mc_cfg.to_dict()},
+            {"train/loss": train_loss, "val/bpb": val_bpb, "train/tok_per_sec": tok_per_sec, **mc_report(mc_means)}]
 
 
 def all_reduce_mean(t):
@@ -178,9 +205,20 @@ def _train(args, ddp, rank, world_size, device):
     flops_per_token = orig_model.estimate_flops()
     print0(f"model config: {config}")
     print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
-    # Extra modules trained with the GPT (MegaContext's GistNet/LensNet, added by --mc later):
+    # Extra modules trained with the GPT (MegaContext's GistNet/LensNet with --mc):
     # name -> nn.Module. They get AdamW groups, grad sync and a state dict in every checkpoint.
-    extra_modules = {}
+    extra_modules, mc_cfg, mc_trainer = {}, None, None
+    if args.mc:
+        from megacontext.checkpoint import MCTrainer, build_mc_modules, resolve_mc_config
+        mc_cfg = resolve_mc_config(args)
+        if args.max_seq_len < mc_cfg.block_size + mc_cfg.train_min_target:
+            raise UserError(f"--mc needs --max-seq-len >= block_size + train_min_target = "
+                            f"{mc_cfg.block_size + mc_cfg.train_min_target} (got {args.max_seq_len})")
+        extra_modules = build_mc_modules(orig_model, mc_cfg, device)
+        # the objective calls the uncompiled GPT: its packed rows change shape every step
+        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
+        print0(f"MegaContext: {mc_cfg} | GistNet {sum(p.numel() for p in extra_modules['gistnet'].parameters()):,} "
+               f"+ LensNet {sum(p.numel() for p in extra_modules['lensnet'].parameters()):,} parameters")
 
     # ---- batch geometry and horizon
     B, T = args.device_batch_size, args.max_seq_len
@@ -216,6 +254,11 @@ def _train(args, ddp, rank, world_size, device):
     if args.resume is not None:
         step = find_last_step(checkpoint_dir) if args.resume == "last" else int(args.resume)
         model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        if args.mc and meta.get("mc_config") != mc_cfg.to_dict():
+            raise UserError(f"cannot resume {checkpoint_dir} step {step}: its mc_config {meta.get('mc_config')} "
+                            f"differs from this run's {mc_cfg.to_dict()}")
+        if not args.mc and meta.get("mc_config"):
+            raise UserError(f"cannot resume {checkpoint_dir} step {step}: it was trained with --mc; add --mc")
         if meta["model_config"] != orig_model.config_dict():
             raise UserError(f"cannot resume {checkpoint_dir} step {step}: its model config "
                             f"{meta['model_config']} differs from this run's {orig_model.config_dict()}")
@@ -265,6 +308,7 @@ def _train(args, ddp, rank, world_size, device):
     total_time = loop_state.get("total_time", 0.0)
     mfu = None
     peak = peak_flops(device)
+    mc_window, mc_last = MetricWindow(), {}  # objective metrics over the log window; the last window's means
 
     def save(step):
         states = gather_objects(loader_state)
@@ -273,7 +317,8 @@ def _train(args, ddp, rank, world_size, device):
                 "device_batch_size": B, "max_seq_len": T, "dataloader_state": states,
                 "loop_state": {"min_val_bpb": min_val_bpb, "val_bpb": val_bpb, "train_loss": train_loss_value,
                                "total_time": total_time}}
-        # (--mc will add meta["mc_config"] here)
+        if mc_cfg is not None:
+            meta["mc_config"] = mc_cfg.to_dict()
         model_data = {"gpt": orig_model.state_dict(), **{n: m.state_dict() for n, m in extra_modules.items()}}
         save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
@@ -307,10 +352,14 @@ def _train(args, ddp, rank, world_size, device):
         sync()
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum_steps):
+        for micro in range(grad_accum_steps):
             x, y, loader_state = next(train_loader)
             with autocast:
-                loss, extra_logs = training_loss(model, x, y, step)
+                if mc_trainer is not None:
+                    loss, extra_logs = mc_trainer.loss(x, y, step, micro)
+                else:
+                    loss, extra_logs = training_loss(model, x, y, step)
+            mc_window.add(extra_logs)
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
         if ddp:
@@ -348,10 +397,14 @@ def _train(args, ddp, rank, world_size, device):
             msg = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | "
                    f"loss: {train_loss_value:.6f}{gn_s} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
                    f"tok/sec: {tok_per_sec:,} | mfu: {mfu_s} | total time: {total_time / 60:.2f}m")
+            mc_means = mc_window.flush()
+            if mc_means:
+                mc_last = mc_means
+                msg += " | " + mc_log_line(mc_means)
             if master:
                 tqdm.write(msg) if not pbar.disable else print(msg, flush=True)
             log = {"step": step, "train/loss": train_loss_value, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": tok_per_sec, **extra_logs}
+                   "train/tok_per_sec": tok_per_sec, **for_wandb(mc_means)}
             if mfu is not None:
                 log["train/mfu"] = mfu
             if grad_norm is not None:
@@ -362,8 +415,10 @@ def _train(args, ddp, rank, world_size, device):
     if ddp:
         # every rank must hold the same weights and agree on the loss: a cheap, visible check
         checksum = sum(p.detach().double().sum().item() for p in orig_model.parameters())
-        print(f"rank {rank}/{world_size} | final train loss: {train_loss_value} | param checksum: {checksum:.10e}",
-              flush=True)
+        mc_sums = "".join(f" | {n} checksum: {sum(p.detach().double().sum().item() for p in m.parameters()):.10e}"
+                          for n, m in extra_modules.items())
+        print(f"rank {rank}/{world_size} | final train loss: {train_loss_value} | param checksum: {checksum:.10e}"
+              f"{mc_sums}", flush=True)
     if device_type == "cuda":
         print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024**2:.2f}MiB")
     print0(f"total training time: {total_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
@@ -382,6 +437,7 @@ def _train(args, ddp, rank, world_size, device):
             {"Final train loss": train_loss_value, "Minimum validation bpb": min_val_bpb,
              "Final validation bpb": val_bpb, "MFU %": f"{mfu:.2f}%" if mfu is not None else "n/a",
              "Total training time": f"{total_time / 60:.2f}m"},
+            *mc_report_rows(mc_cfg, mc_last, train_loss_value, val_bpb, tok_per_sec if step > start_step else None),
         ])
     wandb_run.finish()
 

@@ -15,7 +15,13 @@ changes the real tokens' outputs. The loss is the mean over the assistant tokens
 `--mixture full` (default) adds SmolTalk, ARC and GSM8K from the Hugging Face hub to the code-made
 tasks; `--mixture offline` uses only the code-made tasks (Identity, Arithmetic, Spelling, Memory).
 The LR starts at --init-lr-frac of the base LRs and decays linearly to 0.
-Writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model_tag>/.
+Writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model_tag>/. Nets other than the GPT stored in the
+source checkpoint (MegaContext's GistNet/LensNet) are carried over.
+
+MegaContext (`--mc`): the source checkpoint must hold GistNet, LensNet and its mc_config (else a
+one-line error); the loss is MCObjective's on every micro-batch long enough for a history block and
+a target segment (shorter ones train the plain LM), and the MCConfig comes from the source
+(--mc-* flags may override only the training/focus knobs, see megacontext/checkpoint.py).
 """
 import argparse
 import math
@@ -30,7 +36,9 @@ from nanochat.common import (UserError, run_main, get_base_dir, compute_init, co
                              autocast_ctx, autodetect_device_type, init_wandb)
 from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
 from nanochat.optim import setup_optimizers, sync_grads
-from scripts.base_train import all_reduce_mean
+from scripts.base_train import all_reduce_mean, mc_log_line, mc_report_rows
+from megacontext.config import add_mc_args
+from megacontext.telemetry import MetricWindow, for_wandb
 from tasks.common import TaskMixture
 from tasks.arithmetic import Arithmetic
 from tasks.identity import Identity
@@ -65,6 +73,8 @@ def get_args(argv=None):
                    help="task accuracy (offline tasks) every N steps (0: only at the end, -1: never)")
     p.add_argument("--eval-metrics-max-problems", type=int, default=64, help="problems per task for those accuracies")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--mc", action="store_true", help="train with MegaContext (needs a source checkpoint trained with --mc)")
+    add_mc_args(p)
     return p.parse_args(argv)
 
 
@@ -129,6 +139,20 @@ def sft_batches(task, tokenizer, B, max_tokens, rank=0, world_size=1, device="cp
             yield x.to(device), y.to(device), epoch + (cursor - rank) / len(task)
 
 
+def close_rows(x, y):
+    """
+    For MCObjective, which checks y[:, t] == x[:, t + 1] wherever y is labelled: sft_collate's
+    inputs stop one token early (a row's last label is its last token, whose input slot is padding),
+    so append one column and write each row's last token into the padding slot after it. Only slots
+    whose own label is -1 (padding) are written, so the real inputs are never changed.
+    """
+    x2 = torch.cat([x, x[:, -1:]], dim=1)
+    y2 = torch.cat([y, torch.full_like(y[:, -1:], -1)], dim=1)
+    fix = (y2[:, :-1] != -1) & (y2[:, 1:] == -1) & (x2[:, 1:] != y2[:, :-1])
+    x2[:, 1:] = torch.where(fix, y2[:, :-1], x2[:, 1:])
+    return x2, y2
+
+
 def training_loss(model, x, y, step):
     """
     The loss of one micro-batch (mean over its assistant tokens) and extra scalars to log.
@@ -158,6 +182,17 @@ def _train(args, ddp, rank, world_size, device):
     orig_model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.step)
     passthrough = src_meta.pop("model_data", {})
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
+    mc_cfg, mc_trainer = None, None
+    if args.mc:
+        from megacontext.checkpoint import MC_NETS, MCTrainer, load_mc_modules, missing_mc, resolve_mc_config
+        where = f"the {args.source} checkpoint {src_dir} (step {src_meta.get('step')})"
+        if missing_mc(passthrough, src_meta):
+            load_mc_modules(orig_model, passthrough, src_meta, where)  # raises the one-line UserError
+        mc_cfg = resolve_mc_config(args, src_meta)
+        extra_modules = load_mc_modules(orig_model, passthrough, src_meta, where, cfg=mc_cfg, device=device)
+        passthrough = {k: v for k, v in passthrough.items() if k not in MC_NETS}
+        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
+        print0(f"MegaContext: carried GistNet + LensNet from the {args.source} checkpoint | {mc_cfg}")
     # no torch.compile: every micro-batch has its own length (compiling each shape costs more than it saves)
     model = orig_model
     print0(f"loaded {args.source} model {model_tag} step {src_meta.get('step')} | parameters: {orig_model.num_params():,}")
@@ -217,6 +252,7 @@ def _train(args, ddp, rank, world_size, device):
     user_config = vars(args)
     wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master)
     val_loss, train_loss_value, metrics, total_time = None, None, {}, 0.0
+    mc_window, mc_last, tokens_seen = MetricWindow(), {}, 0
     pbar = tqdm(total=num_iterations, desc="chat_sft", unit="step",
                 disable=not master or not sys.stderr.isatty(), dynamic_ncols=True)
     for step in range(num_iterations + 1):
@@ -236,10 +272,15 @@ def _train(args, ddp, rank, world_size, device):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         num_tokens = 0
-        for _ in range(grad_accum_steps):
+        for micro in range(grad_accum_steps):
             x, y, _ = next(train_loader)
             with autocast:
-                loss, extra_logs = training_loss(model, x, y, step)
+                if mc_trainer is not None:
+                    loss, extra_logs = mc_trainer.loss(*close_rows(x, y), step, micro)
+                else:
+                    loss, extra_logs = training_loss(model, x, y, step)
+            mc_window.add(extra_logs)
+            tokens_seen += x.numel()
             loss_sum += loss.detach()
             num_tokens += int((y >= 0).sum())
             (loss / grad_accum_steps).backward()
@@ -261,16 +302,22 @@ def _train(args, ddp, rank, world_size, device):
         pbar.update(1)
         msg = (f"step {step + 1:05d}/{num_iterations:05d} | loss: {train_loss_value:.4f} | lrm: {lrm:.3f} "
                f"| assistant tokens: {num_tokens:,} | dt: {dt * 1000:.0f}ms")
+        mc_means = mc_window.flush()
+        if mc_means:
+            mc_last = mc_means
+            msg += " | " + mc_log_line(mc_means)
         if master:
             tqdm.write(msg) if not pbar.disable else print(msg, flush=True)
         wandb_run.log({"step": step + 1, "train/loss": train_loss_value, "train/lrm": lrm,
-                       "train/num_tokens": num_tokens, **extra_logs})
+                       "train/num_tokens": num_tokens, **for_wandb(mc_means)})
     pbar.close()
 
     meta = {k: v for k, v in src_meta.items() if k not in ("dataloader_state", "loop_state", "user_config")}
     meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=num_iterations,
                 train_loss=train_loss_value, val_loss=val_loss, metrics=metrics, world_size=world_size,
                 source={"stage": args.source, "model_tag": model_tag, "step": src_meta.get("step")})
+    if mc_cfg is not None:
+        meta["mc_config"] = mc_cfg.to_dict()
     model_data = {"gpt": orig_model.state_dict(), **passthrough,
                   **{n: m.state_dict() for n, m in extra_modules.items()}}
     save_checkpoint(checkpoint_dir, num_iterations, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
@@ -286,6 +333,8 @@ def _train(args, ddp, rank, world_size, device):
             {"Number of iterations": num_iterations, "Training conversations": len(train_task),
              "DDP world size": world_size},
             {"Final train loss": train_loss_value, "Validation loss": val_loss, **metrics},
+            *mc_report_rows(mc_cfg, mc_last, train_loss_value, None,
+                            int(tokens_seen * world_size / total_time) if total_time > 0 else None),
         ])
     wandb_run.finish()
 

@@ -21,6 +21,14 @@ constant for 80% of the run, then decays linearly to 0.
 
 Writes $NANOCHAT_BASE_DIR/mid_checkpoints/<model_tag>/ (the base model's tag by default). Any
 other nets stored in the base checkpoint (MegaContext's GistNet/LensNet) are carried over unchanged.
+
+MegaContext (`--mc`): the base checkpoint must hold GistNet, LensNet and its mc_config (else a
+one-line error); they are trained on with MCObjective as the loss, and the MCConfig comes from the
+checkpoint (--mc-* flags may override only the training/focus knobs, see
+megacontext/checkpoint.py). A share `--mc-mix-share` of micro-batches are long-context rows from
+tasks/mc_mixture.py (passkey, multi-key needle, key-value recall, long chats; histories of
+`--mc-mix-multiples` x the budget), preceded for the first `--mc-mix-warmup` of the run by the copy
+warm-up (2-4 block contexts: span copies and short pass keys).
 """
 import argparse
 import math
@@ -29,6 +37,7 @@ import sys
 import time
 from collections import deque
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -37,7 +46,9 @@ from nanochat.common import (UserError, run_main, get_base_dir, compute_init, co
 from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers, sync_grads
-from scripts.base_train import muon_momentum, all_reduce_mean
+from scripts.base_train import muon_momentum, all_reduce_mean, mc_log_line, mc_report_rows
+from megacontext.config import add_mc_args
+from megacontext.telemetry import MetricWindow, for_wandb
 from tasks.common import TaskMixture
 from tasks.arithmetic import Arithmetic
 from tasks.identity import Identity
@@ -69,6 +80,15 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--mc", action="store_true", help="train with MegaContext (needs a base checkpoint trained with --mc)")
+    p.add_argument("--mc-mix-share", type=float, default=0.5,
+                   help="--mc: share of micro-batches that are long-context task rows (tasks/mc_mixture.py)")
+    p.add_argument("--mc-mix-warmup", type=float, default=0.2,
+                   help="--mc: share of the run (first) whose long-context rows are the short copy warm-up")
+    p.add_argument("--mc-mix-multiples", default="1,4,16,64", help="--mc: history lengths as multiples of the budget")
+    p.add_argument("--mc-mix-tasks", default="passkey,multikey,kv_recall,longchat", help="--mc: long-context tasks")
+    p.add_argument("--mc-mix-batch-size", type=int, default=4, help="--mc: rows per long-context micro-batch")
+    add_mc_args(p)
     return p.parse_args(argv)
 
 
@@ -165,6 +185,25 @@ def _train(args, ddp, rank, world_size, device):
     orig_model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=model_tag, step=args.step)
     passthrough = base_meta.pop("model_data", {})
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
+    mc_cfg, mc_trainer, mix = None, None, None
+    if args.mc:
+        from megacontext.checkpoint import MC_NETS, MCTrainer, load_mc_modules, missing_mc, resolve_mc_config
+        from tasks.mc_mixture import MCMixture, load_filler, parse_list
+        where = f"the base checkpoint {base_dir} (step {base_meta.get('step')})"
+        if missing_mc(passthrough, base_meta):
+            load_mc_modules(orig_model, passthrough, base_meta, where)  # raises the one-line UserError
+        mc_cfg = resolve_mc_config(args, base_meta)
+        extra_modules = load_mc_modules(orig_model, passthrough, base_meta, where, cfg=mc_cfg, device=device)
+        passthrough = {k: v for k, v in passthrough.items() if k not in MC_NETS}
+        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
+        if not 0 <= args.mc_mix_share <= 1 or not 0 <= args.mc_mix_warmup <= 1 or args.mc_mix_batch_size < 1:
+            raise UserError("--mc-mix-share and --mc-mix-warmup must be in [0, 1], --mc-mix-batch-size >= 1")
+        try:
+            mix = MCMixture(tokenizer, mc_cfg, load_filler(), multiples=parse_list(args.mc_mix_multiples, float),
+                            tasks=parse_list(args.mc_mix_tasks))
+        except ValueError as e:
+            raise UserError(f"--mc-mix-*: {e}") from None
+        print0(f"MegaContext: carried GistNet + LensNet from the base checkpoint | {mc_cfg}")
     model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model
     token_bytes = get_token_bytes(device)
     print0(f"loaded base model {model_tag} step {base_meta.get('step')} | parameters: {orig_model.num_params():,}")
@@ -214,6 +253,7 @@ def _train(args, ddp, rank, world_size, device):
     pbar = tqdm(total=num_iterations if num_iterations > 0 else None, desc="mid_train", unit="step",
                 disable=not master or not sys.stderr.isatty(), dynamic_ncols=True)
     step, progress = 0, 0.0
+    mc_window, mc_last, mc_rows = MetricWindow(), {}, 0
     while True:
         # a pass over the mixture ends the run when no step count was given; ranks must agree
         if num_iterations > 0:
@@ -231,10 +271,25 @@ def _train(args, ddp, rank, world_size, device):
 
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum_steps):
-            x, y, progress = next(train_loader)
-            with autocast:
-                loss, extra_logs = training_loss(model, x, y, step)
+        warm_frac = step / num_iterations if num_iterations > 0 else progress
+        for micro in range(grad_accum_steps):
+            if mc_trainer is not None:
+                # the kind of micro-batch is drawn without the rank: every rank does the same work
+                if np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
+                    x, y, s = mix.batch(args.mc_mix_batch_size, mc_trainer.rng(step, 1000 + micro),
+                                        warmup=warm_frac < args.mc_mix_warmup)
+                    mc_rows += x.size(0)
+                    with autocast:
+                        loss, extra_logs = mc_trainer.loss(x.to(device), y.to(device), step, micro, s=s)
+                else:
+                    x, y, progress = next(train_loader)
+                    with autocast:
+                        loss, extra_logs = mc_trainer.loss(x, y, step, micro)
+                mc_window.add(extra_logs)
+            else:
+                x, y, progress = next(train_loader)
+                with autocast:
+                    loss, extra_logs = training_loss(model, x, y, step)
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
         if ddp:
@@ -261,17 +316,28 @@ def _train(args, ddp, rank, world_size, device):
         pbar.update(1)
         msg = (f"step {step:05d} | loss: {train_loss_value:.4f} | lrm: {lrm:.2f} | epoch progress: {progress:.3f} "
                f"| dt: {dt * 1000:.0f}ms | tok/sec: {int(total_batch_size / dt):,}")
+        mc_means = mc_window.flush()
+        if mc_means:
+            mc_last = mc_means
+            msg += " | " + mc_log_line(mc_means)
         if master:
             tqdm.write(msg) if not pbar.disable else print(msg, flush=True)
         wandb_run.log({"step": step, "train/loss": train_loss_value, "train/lrm": lrm,
-                       "train/tok_per_sec": int(total_batch_size / dt), **extra_logs})
+                       "train/tok_per_sec": int(total_batch_size / dt), **for_wandb(mc_means)})
     pbar.close()
+    if ddp and mc_trainer is not None:
+        # every rank must hold the same GPT + GistNet + LensNet weights: a cheap, visible check
+        from megacontext.checkpoint import param_checksum
+        print(f"rank {rank}/{world_size} | mc final loss: {train_loss_value} | "
+              f"mc checksum: {param_checksum([orig_model, *extra_modules.values()]):.10e}", flush=True)
 
     meta = {k: v for k, v in base_meta.items() if k not in ("dataloader_state", "loop_state", "user_config")}
     meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=step,
                 train_loss=train_loss_value, val_bpb=val_bpb, world_size=world_size,
                 device_batch_size=B, max_seq_len=T, source={"stage": "base", "model_tag": model_tag,
                                                             "step": base_meta.get("step")})
+    if mc_cfg is not None:
+        meta["mc_config"] = mc_cfg.to_dict()
     model_data = {"gpt": orig_model.state_dict(), **passthrough,
                   **{n: m.state_dict() for n, m in extra_modules.items()}}
     save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
@@ -286,6 +352,9 @@ def _train(args, ddp, rank, world_size, device):
             user_config,
             {"Number of iterations": step, "Mixture conversations": len(train_task), "DDP world size": world_size},
             {"Final train loss": train_loss_value, "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb},
+            *mc_report_rows(mc_cfg, mc_last, train_loss_value, val_bpb,
+                            int(total_batch_size * max(step - 1, 0) / total_time) if total_time > 0 else None),
+            *([{"Long-context rows (mc_mixture)": mc_rows}] if mc_cfg is not None else []),
         ])
     wandb_run.finish()
 

@@ -1,0 +1,169 @@
+"""
+The long-context part of --mc midtraining (DESIGN.md section 8): synthetic tasks rendered into
+(x, y, s) batches for MCObjective.loss(x, y, rng, step, s=s).
+
+Every row of a batch has a history of exactly s tokens (block-aligned, s = multiple x budget) and a
+target segment [s, T) holding the question and its answer; labels (y) are only on the answer tokens
+(for chats: on the assistant's reply), so the loss, the counterfactual delta_nll and LensNet's
+labels all measure "did the history deliver the fact". Rows are right-padded with BOS (label -1).
+
+    mix = MCMixture(tokenizer, cfg, filler_text)
+    x, y, s = mix.batch(B, rng)                 # a long-context batch, history = m x budget
+    x, y, s = mix.batch(B, rng, warmup=True)    # the copy warm-up: 2-4 block histories
+
+Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py)
+and longchat (tasks/memory.py conversations with many filler turns; the question is the last user
+turn). The warm-up (first) mixes exact copies of a history span and short passkeys: contexts of
+2-4 blocks that fit the budget raw, where copying can appear before long contexts are mixed in.
+"""
+import torch
+
+from tasks.longctx import kv_recall, multikey, passkey
+
+TASKS = ("passkey", "multikey", "kv_recall", "longchat")
+COPY_PROMPTS = ["\nRepeat the text above from '", "\nCopy: ", "\nSay it again: "]
+
+
+def load_filler(max_chars=400_000):
+    """Natural text for the haystacks: the start of the pretraining corpus (train shards)."""
+    from nanochat.common import UserError
+    from nanochat.dataset import parquets_iter_batched
+    parts, n = [], 0
+    try:
+        for batch in parquets_iter_batched("train"):
+            for t in batch:
+                parts.append(t)
+                n += len(t)
+                if n >= max_chars:
+                    return "\n\n".join(parts)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f"--mc midtraining needs the pretraining shards for filler text ({e}): "
+                        f"run `python -m nanochat.dataset` first") from None
+    if not parts:
+        raise UserError("--mc midtraining needs filler text but the train shards are empty")
+    return "\n\n".join(parts)
+
+
+def _labels_on(ids, a, b):
+    """x = ids, y[t] = ids[t + 1] only where that is one of ids[a:b] (else -1). x keeps the last
+    token so that y[t] = x[t + 1] holds on every labelled position of a right-padded row."""
+    x = list(ids)
+    y = [-1] * len(x)
+    for t in range(a - 1, b - 1):
+        y[t] = ids[t + 1]
+    return x, y
+
+
+class MCMixture:
+    def __init__(self, tokenizer, cfg, filler, multiples=(1, 4, 16, 64), tasks=TASKS, chat_tasks=True):
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown long-context tasks {unknown}: choose from {TASKS}")
+        if not multiples or min(multiples) <= 0:
+            raise ValueError(f"history multiples must be positive, got {multiples}")
+        self.tok, self.cfg, self.filler = tokenizer, cfg, filler
+        self.multiples, self.tasks = tuple(multiples), tuple(tasks)
+        self.K = cfg.block_size
+        self.bos = tokenizer.get_bos_token_id()
+        self.filler_ids = list(tokenizer.encode(filler))
+        if len(self.filler_ids) < 4 * self.K:
+            raise ValueError("the filler text is too short")
+
+    # --- sizes
+    def history_len(self, multiple):
+        """s for a history of `multiple` x budget tokens (block-aligned, at least two blocks)."""
+        return max(2 * self.K, int(multiple * self.cfg.budget) // self.K * self.K)
+
+    def _filler(self, rng, n):
+        ids = self.filler_ids
+        reps = -(-(n + len(ids)) // len(ids))
+        start = int(rng.integers(0, len(ids)))
+        return (ids * (reps + 1))[start:start + n]
+
+    # --- one row: (ids, answer span (a, b), s) with ids[:s] the history
+    def _row(self, task, s, rng):
+        if task == "longchat":
+            return self._chat_row(s, rng)
+        # several needles may not fit a short history (small vocabularies spend many tokens on
+        # them): retry with fewer, then fall back to one pass key
+        tries = {"passkey": [lambda: passkey(self.filler, self.tok, rng, s)],
+                 "multikey": [lambda: multikey(self.filler, self.tok, rng, s, n_keys=int(rng.integers(2, 5)),
+                                               n_decoys=int(rng.integers(0, 3))),
+                              lambda: multikey(self.filler, self.tok, rng, s, n_keys=2, n_decoys=0)],
+                 "kv_recall": [lambda: kv_recall(self.filler, self.tok, rng, s, n_pairs=int(rng.integers(2, 8))),
+                               lambda: kv_recall(self.filler, self.tok, rng, s, n_pairs=1)]}[task]
+        for make in tries + [lambda: passkey(self.filler, self.tok, rng, s)]:
+            try:
+                ex = make()
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(f"a history of {s} tokens is too short for any long-context task")
+        assert ex.question_start == s, (ex.question_start, s)
+        return ex.ids, ex.answer_span
+
+    def _chat_row(self, s, rng):
+        """A Memory conversation whose filler turns fill about s tokens; everything before the last
+        user turn is the history (left-padded with corpus text to exactly s tokens)."""
+        from tasks.memory import Memory
+        turns = max(0, s // 40)
+        user_start = self.tok.encode_special("<|user_start|>")
+        while True:
+            conv = Memory("train", size=10**6, filler_turns=(turns, turns)).get_example(int(rng.integers(10**6)))
+            ids, mask = self.tok.render_conversation(conv, max_tokens=10**9)
+            q = max(i for i, t in enumerate(ids) if t == user_start)
+            if q <= s or turns == 0:
+                break
+            turns = turns * 3 // 4
+        if q > s:  # even a chat with no filler is longer than the history: keep its end
+            ids, mask, q = ids[q - s:], mask[q - s:], s
+        pad = self._filler(rng, s - q)
+        ids, mask = pad + list(ids), [0] * len(pad) + list(mask)
+        # the answer = the assistant's final reply (its mask); find its span after the question
+        a = next(i for i in range(s, len(ids)) if mask[i])
+        return ids, (a, len(ids))
+
+    def _copy_row(self, s, rng):
+        """History of s filler tokens; the target asks to repeat a span of it, labels on the copy."""
+        hist = self._filler(rng, s)
+        n = int(rng.integers(8, max(9, min(s, 3 * self.K) // 2 + 1)))
+        start = int(rng.integers(0, s - n + 1))
+        prompt = list(self.tok.encode(COPY_PROMPTS[int(rng.integers(len(COPY_PROMPTS)))]))
+        ids = hist + prompt + hist[start:start + n]
+        return ids, (s + len(prompt), len(ids))
+
+    # --- batches
+    def _collate(self, rows, s):
+        xs, ys = [], []
+        for ids, (a, b) in rows:
+            x, y = _labels_on(ids, a, b)
+            xs.append(x)
+            ys.append(y)
+        T = max(len(x) for x in xs)
+        X = torch.full((len(xs), T), self.bos, dtype=torch.long)
+        Y = torch.full((len(xs), T), -1, dtype=torch.long)
+        for r, (x, y) in enumerate(zip(xs, ys)):
+            X[r, :len(x)] = torch.tensor(x)
+            Y[r, :len(y)] = torch.tensor(y)
+        return X, Y, s
+
+    def batch(self, B, rng, warmup=False):
+        """(x (B, T), y (B, T), s). One history length and one task per batch (equal-length rows)."""
+        if warmup:
+            hi = max(2, min(4, self.cfg.hist_budget() // self.K))
+            s = self.K * int(rng.integers(2, hi + 1))
+            kind = "copy" if rng.random() < 0.5 else "passkey"
+            rows = [self._copy_row(s, rng) if kind == "copy" else self._row("passkey", s, rng) for _ in range(B)]
+            return self._collate(rows, s)
+        s = self.history_len(self.multiples[int(rng.integers(len(self.multiples)))])
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        return self._collate([self._row(task, s, rng) for _ in range(B)], s)
+
+
+def parse_list(text, typ=str):
+    """'1,4,16' -> [1, 4, 16] (for the --mc-mix-* flags)."""
+    return [typ(v) for v in str(text).split(",") if v.strip()]
+
+
+__all__ = ["MCMixture", "load_filler", "parse_list", "TASKS"]
