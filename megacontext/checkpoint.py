@@ -24,7 +24,7 @@ MC_NETS = ("gistnet", "lensnet")
 # MCConfig fields a later stage may change with a flag (training / focus knobs); every other field
 # shapes the nets or the memory, so it must equal the source checkpoint's value
 OVERRIDABLE = {"tau", "max_edits", "cooldown", "budget", "train_hist_budget", "train_min_target", "train_variants",
-               "train_plain_lm", "lens_weight", "lens_cands", "lens_temp"}
+               "train_plain_lm", "train_rows", "lens_weight", "lens_cands", "lens_temp"}
 
 
 def build_mc_modules(gpt, cfg, device=None):
@@ -126,6 +126,14 @@ class MCTrainer:
             return self.split_objective.loss(x, y, self.rng(step, micro), step, s=s)
         if x.size(1) < self.min_len():
             return self.gpt(x, y), {}
+        r = self.cfg.train_rows
+        if r and x.size(0) > r:
+            # the MC objective on the first r rows, plain LM on the rest: its counterfactual and variant
+            # forwards cost several times a plain forward, so a CPU run buys it for a few rows per step
+            mc_loss, metrics = self.objective.loss(x[:r], y[:r], self.rng(step, micro), step)
+            lm_loss = self.gpt(x[r:], y[r:])
+            metrics["mc/rest_lm_loss"] = float(lm_loss.detach())
+            return (r * mc_loss + (x.size(0) - r) * lm_loss) / x.size(0), metrics
         return self.objective.loss(x, y, self.rng(step, micro), step)
 
 

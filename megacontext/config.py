@@ -37,6 +37,7 @@ class MCConfig:
     lens_weight: float = 1.0      # weight of LensNet's (listwise + binary) loss in the total
     lens_cands: int = 0           # counterfactual expansions per row (0: every gist of the context)
     lens_temp: float = 1.0        # nats: binary target = sigmoid(delta_nll / lens_temp)
+    train_rows: int = 0           # rows per batch through the MC objective (0: all); the rest train plain LM
 
     def __post_init__(self):
         self.validate()
@@ -79,6 +80,8 @@ class MCConfig:
             bad(f"train_variants must be a comma list of {known}, got {self.train_variants!r}")
         if not 0 <= self.train_plain_lm <= 1:
             bad(f"train_plain_lm must be in [0, 1], got {self.train_plain_lm}")
+        if self.train_rows < 0:
+            bad(f"train_rows must be >= 0, got {self.train_rows}")
         if self.lens_weight < 0 or self.lens_cands < 0 or self.lens_temp <= 0:
             bad("lens_weight and lens_cands must be >= 0 and lens_temp > 0")
 

@@ -209,3 +209,24 @@ def test_torchrun_mc_ranks_agree(tiny_base_env):
     assert mid.returncode == 0, mid.stdout[-2000:] + mid.stderr[-3000:]
     finals = sorted(re.findall(r"rank (\d)/2 \| mc final loss: (\S+) \| mc checksum: (\S+)", mid.stdout))
     assert [f[0] for f in finals] == ["0", "1"] and finals[0][1:] == finals[1][1:], mid.stdout
+
+
+def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
+    """--mc-train-rows r: the MC objective on the first r rows, plain LM on the rest, row-weighted."""
+    from megacontext.checkpoint import MCTrainer, build_mc_modules
+    from megacontext.config import MCConfig
+    from nanochat.gpt import GPT, config_from_depth
+    torch.manual_seed(0)
+    gpt = GPT(config_from_depth(1, 97, 192, aspect_ratio=32, head_dim=16))
+    gpt.init_weights()
+    base = dict(budget=64, tail_tokens=32, train_min_target=32, max_level=2, gist_layers=1, lens_dim=32,
+                lens_heads=2, lens_layers=1, train_plain_lm=0.0)
+    cfg = MCConfig(train_rows=2, **base)
+    nets = build_mc_modules(gpt, cfg)
+    x = torch.randint(0, 97, (5, 193))
+    x, y = x[:, :-1], x[:, 1:]
+    loss, metrics = MCTrainer(gpt, nets, cfg, seed=1).loss(x, y, step=3)
+    ref_mc, _ = MCTrainer(gpt, nets, MCConfig(**base), seed=1).loss(x[:2], y[:2], step=3)
+    ref_lm = gpt(x[2:], y[2:])
+    assert torch.allclose(loss, (2 * ref_mc + 3 * ref_lm) / 5, atol=1e-6)
+    assert metrics["mc/rest_lm_loss"] == pytest.approx(float(ref_lm), abs=1e-6)
