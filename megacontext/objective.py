@@ -17,8 +17,14 @@ One step on a batch x, y (B, T) of next-token pairs (y[:, t] = x[:, t + 1], -1 =
 A share `train_plain_lm` of steps trains plain full-detail LM instead, so base quality holds.
 
 Level-2 salience: level-2 gists in a base WC are counterfactual candidates like any other gist (their
-expansion is scored by delta_nll), so LensNet learns coarse scores; the explicit coarse / fine /
-redirect curriculum of the v2 prototype is not implemented here.
+expansion is scored by delta_nll), so LensNet learns coarse scores.
+
+The retrieval recipe (`needle_loss`, for tasks whose answer block is known, e.g. tasks/longctx.py
+key_spans): after a short all-raw copy warm-up, the GPT and GistNet learn on gisted histories with
+the needle block opened coarse to fine (`open_blocks`), with an answer-weighted loss; LensNet learns
+listwise over ALL entries with coarse / fine / redirect targets (`lens_curriculum`, v2 prototype)
+and its loss trains GistNet. The needle block is the counterfactual best expansion (v2: 100 %), so
+no counterfactual forwards are spent on these rows. dev/mc_experiment.py runs the whole recipe.
 """
 from dataclasses import dataclass
 
@@ -372,6 +378,143 @@ def _top1(scores, delta, legal):
 
 
 # -----------------------------------------------------------------------------
+# the retrieval recipe (dev/LOG.md 2026-11-21, prototype v1/v2): copy warm-up, answer-weighted loss on
+# gisted contexts with the needle opened, LensNet listwise over all entries (coarse / fine / redirect)
+# with its gradient into GistNet. The pipeline calls these on tasks whose answer location is known.
+
+def entry_covering(wc, token, K):
+    """Index of the WC entry whose span holds token position `token`."""
+    starts, _ = entry_spans(wc, K)
+    return int(np.searchsorted(starts, token, side="right") - 1)
+
+
+def open_blocks(wc, blocks, cfg):
+    """The WC with each raw block in `blocks` opened coarse to fine (its covering gists expanded until
+    the block is a raw entry): the oracle / "needle expanded" variant."""
+    K = cfg.block_size
+    for blk in blocks:
+        while True:
+            j = entry_covering(wc, int(blk) * K, K)
+            if wc.levels[j] == 0:
+                break
+            wc = expand(wc, j, cfg)
+    return wc
+
+
+def needle_variant(num_tokens, blocks, budget, cfg, rng, extra=2):
+    """Coarsest WC + the needle blocks opened + up to `extra` random expansions that still fit `budget`."""
+    K = cfg.block_size
+    wc = open_blocks(coarsest_wc(num_tokens, cfg), blocks, cfg)
+    for _ in range(int(rng.integers(0, extra + 1))):
+        gist = np.flatnonzero(wc.levels >= 1)
+        if len(gist) == 0 or wc_cost(wc, K) + K - 1 > budget:
+            break
+        wc = expand(wc, int(rng.choice(gist)), cfg)
+    return wc
+
+
+def weighted_target_nll(gpt, packed, weights):
+    """Weighted mean next-token NLL over labelled slots: weights (R, T) (e.g. answer tokens x5)."""
+    R, T = packed.labels.shape
+    losses = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma,
+                 targets=packed.labels, loss_reduction="none").view(R, T)
+    w = weights.to(losses.dtype) * (packed.labels != -1)
+    return (losses * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def lens_target_loss(scores, legal, target, bce_weight=0.5):
+    """LensNet listwise CE over the legal entries of each row with a known best entry `target` (B,)
+    (the counterfactual best: for a needle task the entry that holds the needle) + per-entry BCE
+    (target entry 1, others 0) so that scores are comparable across passes and levels."""
+    masked = torch.where(legal, scores / LISTWISE_TEMP, torch.full_like(scores, -1e4))
+    ce = F.cross_entropy(masked, target)
+    onehot = F.one_hot(target, scores.size(1)).to(scores.dtype)
+    p = ((scores + 1) / 2).clamp(1e-4, 1 - 1e-4)
+    bce = F.binary_cross_entropy(p[legal], onehot[legal])
+    hit = (masked.argmax(1) == target).float().mean()
+    return ce + bce_weight * bce, ce.detach(), hit.detach()
+
+
+def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
+    """
+    Coarse-to-fine LensNet examples for one needle block (v2 prototype): `coarse` = the coarsest WC
+    (target = the entry covering the block, a level-2 region or a level-1 gist); `fine` = its covering
+    gists expanded down to level 1 (target = the block's level-1 gist); `redirect` = a WRONG level-2
+    region expanded (target = the right region's level-2 entry: "look elsewhere"). Returns [(wc, target)],
+    empty when the block lies in the raw tail.
+    """
+    K = cfg.block_size
+    base = coarsest_wc(num_tokens, cfg)
+    if base.levels[entry_covering(base, block * K, K)] == 0:
+        return []  # the needle is in the raw tail: nothing to find
+    out = [(base, entry_covering(base, block * K, K))]
+    fine = base
+    while True:
+        j = entry_covering(fine, block * K, K)
+        if fine.levels[j] <= 1:
+            break
+        fine = expand(fine, j, cfg)
+    if fine is not base:
+        out.append((fine, entry_covering(fine, block * K, K)))
+    tgt = entry_covering(base, block * K, K)
+    wrong = [j for j in np.flatnonzero(base.levels >= 2) if j != tgt]
+    if wrong and rng.random() < p_redirect:
+        red = expand(base, int(rng.choice(wrong)), cfg)
+        out.append((red, entry_covering(red, block * K, K)))
+    return out
+
+
+def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.0, gist_only=0.25):
+    """
+    One retrieval step on rows whose answer needs raw block blocks[b] of the history x[b, :s]:
+    GPT + GistNet learn to copy from gisted contexts with the needle opened (a share `gist_only` of
+    rows gets a random level mix instead, so the GPT also sees contexts where it is missing), with an
+    answer-weighted next-token loss (`weights` (B, m) on the target segment, default 1); LensNet
+    learns coarse / fine / redirect listwise choices over all entries, and its loss reaches GistNet.
+    Every gist is computed fresh by the current GistNet (no mixed versions). Returns (loss, metrics).
+    """
+    cfg, rng, B_h = obj.cfg, _as_rng(rng), obj.B_h
+    B, m = x.size(0), x.size(1) - s
+    timer = PhaseTimer(x.device)
+    with timer("gist"):
+        readers = obj.readers(x, s)
+    with timer("select"):
+        parts, lens_wcs, lens_rd, lens_tg = [], [], [], []
+        for b in range(B):
+            if s <= B_h:
+                wc = all_raw(s, cfg)
+            elif rng.random() < gist_only:
+                wc = random_mix(s, B_h, cfg, rng)
+            else:
+                wc = needle_variant(s, [blocks[b]], B_h, cfg, rng, extra)
+            parts.append(wc_part(wc, readers[b], obj.wte, cfg))
+            if s > B_h and lens_weight > 0:
+                for lw, t in lens_curriculum(s, int(blocks[b]), cfg, rng):
+                    lens_wcs.append(lw)
+                    lens_rd.append(readers[b])
+                    lens_tg.append(t)
+    with timer("lm"):
+        packed = pack(parts, x[:, s:], y[:, s:], s, obj.wte, cfg)
+        w = torch.ones(B, m) if weights is None else weights.float()
+        W = torch.zeros(packed.labels.shape, device=x.device)
+        for r, n in enumerate(packed.hist_lens):
+            W[r, n:n + m] = w[r].to(x.device)
+        lm = weighted_target_nll(obj.gpt, packed, W)
+    loss, metrics = lm, {"mc/needle_lm": lm.detach(), "mc/hist_tokens": float(s)}
+    if lens_wcs:
+        with timer("lens"):
+            scores, mask = obj.lensnet.score(lens_wcs, lens_rd, obj.wte)
+            legal = mask.clone()
+            for r, wc in enumerate(lens_wcs):
+                legal[r, :len(wc)] &= torch.from_numpy(wc.levels >= 1).to(legal.device)
+            l, ce, hit = lens_target_loss(scores, legal, torch.tensor(lens_tg, device=scores.device))
+        loss = loss + lens_weight * l
+        metrics.update({"mc/lens_loss": l.detach(), "mc/lens_ce": ce, "mc/lens_hit": hit})
+    metrics.update(timer.pop())
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
 # evaluation helpers (dev/mc_experiment.py, scripts/mc_eval.py)
 
 @torch.no_grad()
@@ -416,6 +559,7 @@ def lens_pair_agreement(objective, x, y, s, rng):
             "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
 
 
-__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "row_nll",
+__all__ = ["MCObjective", "needle_loss", "lens_curriculum", "lens_target_loss", "open_blocks", "needle_variant",
+           "weighted_target_nll", "entry_covering", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "row_nll",
            "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement", "gist_substitutability",
            "lens_pair_agreement", "entry_spans"]

@@ -49,6 +49,7 @@ class LongCtxExample:
     answer: str
     needle_spans: list = field(default_factory=list)
     decoy_spans: list = field(default_factory=list)
+    key_spans: list = field(default_factory=list)  # token spans of the key digits inside each needle
 
 
 def random_key(rng, digits=5):
@@ -99,14 +100,36 @@ def _assemble(filler, tokenizer, rng, n_tokens, inserts, question, answer, depth
     return ids, spans, q, (a, len(ids))
 
 
-def passkey(filler, tokenizer, rng, n_tokens, depth=None, key=None):
-    """One 5-digit pass key at `depth` (fraction of the history, default random) in ~n_tokens of filler."""
+def _key_span(ids, span, key_ids):
+    """The token span of key_ids inside ids[span] (the last occurrence: the key ends the sentence's clause)."""
+    a, b = span
+    n = len(key_ids)
+    for i in range(b - n, a - 1, -1):
+        if ids[i:i + n] == key_ids:
+            return (i, i + n)
+    raise ValueError("key tokens not found inside the needle (a tokenizer merged them with their neighbours)")
+
+
+def passkey(filler, tokenizer, rng, n_tokens, depth=None, key=None, key_in_block=0):
+    """
+    One 5-digit pass key at `depth` (fraction of the history, default random) in ~n_tokens of filler.
+    key_in_block=K > 0 resamples the placement until the key's tokens lie inside one aligned K-token
+    block (the MegaContext experiments: one expanded block then holds the whole answer; the char-level
+    prototype placed its needle the same way).
+    """
     key = key or random_key(rng)
     needle = PASSKEY_NEEDLES[int(rng.integers(len(PASSKEY_NEEDLES)))].format(key=key)
     question = PASSKEY_QUESTIONS[int(rng.integers(len(PASSKEY_QUESTIONS)))]
-    ids, spans, q, ans = _assemble(filler, tokenizer, rng, n_tokens, [needle], question, " " + key,
-                                   None if depth is None else [depth])
-    return LongCtxExample(ids, ans, q, " " + key, needle_spans=spans)
+    key_ids = list(tokenizer.encode(key))
+    for _ in range(1000):
+        ids, spans, q, ans = _assemble(filler, tokenizer, rng, n_tokens, [needle], question, " " + key,
+                                       None if depth is None else [depth])
+        ks = _key_span(ids, spans[0], key_ids)
+        if not key_in_block or ks[0] // key_in_block == (ks[1] - 1) // key_in_block:
+            return LongCtxExample(ids, ans, q, " " + key, needle_spans=spans, key_spans=[ks])
+        if depth is not None:  # a fixed depth cannot move: nudge it by a few tokens
+            depth = min(1.0, depth + 7.0 / max(n_tokens, 1))
+    raise ValueError(f"could not place the key inside one {key_in_block}-token block")
 
 
 def multikey(filler, tokenizer, rng, n_tokens, n_keys=4, n_decoys=2):

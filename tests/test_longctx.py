@@ -87,3 +87,18 @@ def test_kv_recall_and_real_tokenizer(tiny_base_env):
 def test_too_short_history_is_an_error():
     with pytest.raises(ValueError, match="too short"):
         multikey(FILLER, CharTok(), np.random.default_rng(0), 50, n_keys=4)
+
+
+def test_passkey_key_span_and_key_in_block():
+    tok = CharTok()
+    for seed in range(20):
+        ex = passkey(FILLER, tok, np.random.default_rng(seed), n_tokens=600, key_in_block=32)
+        (a, b), = ex.key_spans
+        assert tok.decode(ex.ids[a:b]) == ex.answer.strip()
+        n0, n1 = ex.needle_spans[0]
+        assert n0 <= a and b <= n1
+        assert a // 32 == (b - 1) // 32  # the whole key inside one aligned block
+    # without the constraint some keys straddle a block boundary (so the option does something)
+    straddle = [(lambda s: s[0] // 32 != (s[1] - 1) // 32)(passkey(FILLER, tok, np.random.default_rng(s), 600)
+                                                          .key_spans[0]) for s in range(60)]
+    assert any(straddle)

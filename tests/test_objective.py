@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
-from megacontext.objective import (MCObjective, coarsest_wc, expand, focus_wc, gist_substitutability, lens_loss,
-                                   lens_pair_agreement, lens_targets, pack, pair_agreement, random_mix,
-                                   raw_suffix_part, row_nll, split_point, wc_part)
+from megacontext.objective import (MCObjective, coarsest_wc, entry_covering, expand, focus_wc, gist_substitutability,
+                                   lens_curriculum, lens_loss, lens_pair_agreement, lens_target_loss, lens_targets,
+                                   needle_loss, needle_variant, open_blocks, pack, pair_agreement, random_mix,
+                                   raw_suffix_part, row_nll, split_point, wc_part, weighted_target_nll)
 from megacontext.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
 from megacontext.working_context import check_invariants, wc_cost
 from nanochat.gpt import GPT, GPTConfig
@@ -194,3 +195,79 @@ def test_telemetry_window_timer_and_format():
     assert for_wandb({"x": torch.tensor(1.5), "y": float("nan")}, step=3) == {"x": 1.5, "step": 3}
     assert format_metrics({"mc/b": 2, "mc/a": 1, "z": 0}, keys=["mc/"]) == "mc/a=1 | mc/b=2"
     assert "| mc/a | 1 |" in format_table({"mc/a": 1})
+
+
+# -----------------------------------------------------------------------------
+# the retrieval recipe: needle opened, answer-weighted loss, LensNet coarse / fine / redirect targets
+
+def test_open_blocks_and_lens_curriculum_targets_hold_the_needle():
+    obj, cfg = make()
+    K, rng = cfg.block_size, np.random.default_rng(0)
+    n = 8 * 8 * 3 + 8  # three level-2 regions (64 tokens each) + a level-1 gist + the raw tail
+    for blk in (0, 5, 9, 17, 24):
+        wc = open_blocks(coarsest_wc(n, cfg), [blk], cfg)
+        check_invariants(wc, cfg)
+        j = entry_covering(wc, blk * K, K)
+        assert wc.levels[j] == 0 and wc.indices[j] == blk  # the needle block is a raw entry
+        v = needle_variant(n, [blk], 32, cfg, rng, extra=3)
+        check_invariants(v, cfg, 32)
+        assert any(v.levels[i] == 0 and v.indices[i] == blk for i in range(len(v)))
+        if blk == 24:  # inside the raw tail: nothing for LensNet to find
+            assert lens_curriculum(n, blk, cfg, rng) == []
+            continue
+        for _ in range(5):
+            for w, t in lens_curriculum(n, blk, cfg, rng, p_redirect=1.0):
+                check_invariants(w, cfg)
+                L, i = int(w.levels[t]), int(w.indices[t])
+                assert L >= 1 and i * K ** L <= blk * K < (i + 1) * K ** L  # the target covers the needle
+    kinds = {len(lens_curriculum(n, 2, cfg, np.random.default_rng(s), p_redirect=1.0)) for s in range(3)}
+    assert kinds == {3}  # coarse, fine and redirect for a needle inside a level-2 region
+
+
+def test_lens_target_loss_descends_towards_the_target():
+    scores = torch.zeros(2, 4, requires_grad=True)
+    legal = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    loss, ce, hit = lens_target_loss(scores, legal, torch.tensor([1, 3]))
+    loss.backward()
+    g = scores.grad
+    assert g[0, 1] < 0 and g[0, 0] > 0 and g[0, 2] == 0 and g[1, 3] < 0
+    assert float(ce) == pytest.approx(0.5 * (math.log(3) + math.log(4)), rel=1e-5)
+
+
+def test_weighted_target_nll_matches_reference():
+    obj, cfg = make()
+    x, y = batch(B=2, T=96)
+    s = 64
+    rd = obj.readers(x, s)
+    p = pack([wc_part(coarsest_wc(s, cfg), r, obj.wte, cfg) for r in rd], x[:, s:], y[:, s:], s, obj.wte, cfg)
+    w = torch.rand(p.labels.shape) + 0.5
+    got = weighted_target_nll(obj.gpt, p, w)
+    logits = obj.gpt(inputs_embeds=p.embeds, pos=p.pos)
+    ce = F.cross_entropy(logits.flatten(0, 1), p.labels.flatten(), ignore_index=-1, reduction="none").view_as(w)
+    m = (p.labels != -1).float()
+    torch.testing.assert_close(got, (ce * w * m).sum() / (w * m).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_needle_loss_trains_every_module_and_learns_a_fixed_needle():
+    obj, cfg = make(seed=3)
+    with torch.no_grad():
+        for p in obj.parameters_mc():
+            p.add_(0.02 * torch.randn_like(p))
+    K, s = cfg.block_size, 200
+    x, y = batch(B=2, T=232, seed=5)
+    blocks = [3, 17]
+    before = {n: p.detach().clone() for n, p in [*obj.gistnet.named_parameters(), *obj.lensnet.named_parameters()]}
+    opt = torch.optim.AdamW(list(obj.gpt.parameters()) + obj.parameters_mc(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for step in range(12):
+        loss, m = needle_loss(obj, x, y, s, blocks, np.random.default_rng(step), weights=torch.full((2, 32), 2.0))
+        assert "mc/lens_loss" in m and "mc/needle_lm" in m
+        first = first if first is not None else float(m["mc/lens_ce"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 0:
+            after = dict([*obj.gistnet.named_parameters(), *obj.lensnet.named_parameters()])
+            unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
+            assert not unchanged, unchanged
+    assert float(m["mc/lens_ce"]) < first  # LensNet (with GistNet) learns where the needle is
