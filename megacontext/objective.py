@@ -212,14 +212,17 @@ def lens_loss(scores, delta, legal, temp):
 
 
 def pair_agreement(scores, delta, legal, eps=1e-3):
-    """Share of legal entry pairs (|delta_i - delta_j| > eps) that the scores order like delta; NaN if none."""
-    agree = total = 0
+    """
+    Share of legal entry pairs (|delta_i - delta_j| > eps) that the scores order like delta; NaN if
+    none. A tie in the scores counts one half, so constant (e.g. saturated) scores read 0.5, chance.
+    """
+    agree = total = 0.0
     for sc, de, lg in zip(scores, delta, legal):
         sc, de = sc[lg].detach().float().cpu(), de[lg].float().cpu()
         ds, dd = sc[:, None] - sc[None, :], de[:, None] - de[None, :]
         keep = dd.abs() > eps
-        agree += int(((ds * dd) > 0)[keep].sum())
-        total += int(keep.sum())
+        agree += float(((ds * dd) > 0)[keep].sum()) + 0.5 * float((ds == 0)[keep].sum())
+        total += float(keep.sum())
     return agree / total / 1.0 if total else float("nan")
 
 

@@ -150,6 +150,8 @@ def test_lens_targets_and_gradients_have_the_right_sign():
     assert listwise > 0 and bce > 0
     assert pair_agreement(torch.tensor([[0.1, -0.2, 0.9]]), delta[:, :3], legal[:, :3]) == 1.0
     assert pair_agreement(torch.tensor([[0.9, 0.1, -0.2]]), delta[:, :3], legal[:, :3]) == pytest.approx(1 / 3)
+    # tied (saturated) scores are chance, not disagreement
+    assert pair_agreement(torch.tensor([[1.0, 1.0, 1.0]]), delta[:, :3], legal[:, :3]) == pytest.approx(0.5)
 
 
 def test_split_and_wc_builders_keep_invariants():
