@@ -135,33 +135,15 @@ class MCSession:
     def load(cls, source="sft", model_tag=None, step=None, device=None, budget=None, memory_dir=None, **kw):
         """Build a session from a checkpoint that holds GPT, GistNet and LensNet weights and an MCConfig."""
         from nanochat.common import autodetect_device_type
-        from nanochat.checkpoint_manager import checkpoint_dir_for, find_last_step, load_model
-        from megacontext.gistnet import GistNet
-        from megacontext.lensnet import LensNet
+        from nanochat.checkpoint_manager import checkpoint_dir_for, load_model
+        from megacontext.checkpoint import load_mc_modules
         device = torch.device(device or autodetect_device_type())
         gpt, tokenizer, meta = load_model(source, device, "eval", model_tag=model_tag, step=step)
-        model_data = meta.get("model_data")
         ckdir = checkpoint_dir_for(source, model_tag)
         step = meta.get("step", step) if step is None else step
-        if model_data is None:  # an older checkpoint_manager: read the named state dicts ourselves
-            step = find_last_step(ckdir) if step is None else step
-            model_data = torch.load(os.path.join(ckdir, f"model_{step:06d}.pt"), map_location=device,
-                                    weights_only=True)
-        missing = [k for k in ("gistnet", "lensnet") if k not in model_data] + \
-                  (["mc_config"] if not meta.get("mc_config") else [])
-        if missing:
-            raise SessionError(f"checkpoint {ckdir} (step {step}) has no MegaContext weights "
-                               f"(missing {', '.join(missing)}): train with --mc")
+        nets = load_mc_modules(gpt, meta["model_data"], meta, f"checkpoint {ckdir} (step {step})", device=device)
+        gistnet, lensnet = nets["gistnet"], nets["lensnet"]
         cfg = MCConfig.from_dict(meta["mc_config"])
-        gistnet = GistNet(gpt.config.n_embd, cfg, gpt.config.n_head)
-        lensnet = LensNet(gpt.config.n_embd, cfg)
-        for name, net in (("gistnet", gistnet), ("lensnet", lensnet)):
-            sd = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v
-                  for k, v in model_data[name].items()}
-            try:
-                net.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise SessionError(f"checkpoint {ckdir}: {name} weights do not fit its mc_config: {e}") from None
         gpt = gpt.float() if device.type != "cuda" else gpt
         info = {"source": source, "model_tag": os.path.basename(ckdir), "step": step}
         return cls(gpt, gistnet, lensnet, tokenizer, cfg, memory_dir=memory_dir, device=device, budget=budget,

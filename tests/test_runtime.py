@@ -204,7 +204,7 @@ def write_checkpoint(base, cfg, nets, source_dir="base_checkpoints", with_mc=Tru
 def test_load_needs_megacontext_weights(tok, tiny_base_env):
     cfg = tiny_cfg()
     write_checkpoint(tiny_base_env, cfg, tiny_nets(cfg, tok.get_vocab_size()), with_mc=False)
-    with pytest.raises(UserError, match="has no MegaContext weights.*train with --mc"):
+    with pytest.raises(UserError, match="has no MegaContext weights.*--mc"):
         MCSession.load(source="base", device="cpu")
 
 
