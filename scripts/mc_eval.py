@@ -252,14 +252,20 @@ def run_long_doc(models, methods, budget, texts, doc_tokens, target, n_docs, pro
                 sums[m] += s
                 counts[m] += n
     nll = {m: round(sums[m] / counts[m], 4) if counts[m] else None for m in methods}
-    gaps = {}
+    return nll, gaps_closed(nll), len(windows)
+
+
+def gaps_closed(nll):
+    """Each method's share of the truncation -> full NLL gap it closes; None where undefined, including
+    when full attention is not better than truncation (no gap to close)."""
     lo, hi = nll.get("full"), nll.get("truncation")
-    for m in methods:
-        if m in ("truncation", "full") or nll[m] is None or lo is None or hi is None or abs(hi - lo) < 1e-6:
+    gaps = {}
+    for m, v in nll.items():
+        if m in ("truncation", "full") or v is None or lo is None or hi is None or hi - lo < 1e-6:
             gaps[m] = None
         else:
-            gaps[m] = round((hi - nll[m]) / (hi - lo), 4)
-    return nll, gaps, len(windows)
+            gaps[m] = round((hi - v) / (hi - lo), 4)
+    return gaps
 
 
 def position_verdict(res):
