@@ -88,12 +88,12 @@ def random_init_models(args, device):
 def checkpoint_models(args, device):
     """GPT + GistNet + LensNet + MCConfig of a checkpoint (GPT only, with --baselines-only, if MC weights lack)."""
     from megacontext.config import MCConfig
-    from megacontext.runtime import MCSession, SessionError
+    from megacontext.runtime import MCSession
     try:
         s = MCSession.load(args.source, args.model_tag, args.step, device)
         gpt, gistnet, lensnet, tok, cfg, info = s.gpt, s.gistnet, s.lensnet, s.tokenizer, s.cfg, dict(s.source_info)
         info["mc_weights"] = True
-    except SessionError as e:
+    except UserError as e:  # SessionError, or the MC loader's "no MegaContext weights"
         if "no MegaContext weights" not in str(e) or not args.baselines_only:
             hint = " (or pass --baselines-only to evaluate the methods that need no MC weights)" \
                 if "no MegaContext weights" in str(e) else ""
