@@ -11,22 +11,22 @@ source "$(dirname "$0")/setup.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export HF_HUB_OFFLINE=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-DEPTH=${DEPTH:-4}
+DEPTH=${DEPTH:-2}
 SEQ=${SEQ:-256}
 BASE_STEPS=${BASE_STEPS:-300}
-MID_STEPS=${MID_STEPS:-150}
-SFT_STEPS=${SFT_STEPS:-100}
+MID_STEPS=${MID_STEPS:-100}
+SFT_STEPS=${SFT_STEPS:-40}
 RUN=${WANDB_RUN:-dummy}
 # MegaContext is on by default (MC=0 trains a plain model). A toy budget: 128 working-context slots,
-# 32 raw tail tokens; the MC objective on 4 rows of each batch (plain LM on the rest) with 4
-# counterfactual expansions per row keeps its cost on CPU near 2x a plain step. SFT runs without
+# 32 raw tail tokens; the MC objective on every other step, on 4 rows of the batch (plain LM on the
+# rest), with 4 counterfactual expansions per row, keeps its cost on CPU near 2x plain training. SFT runs without
 # --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without the flag the
 # GistNet/LensNet weights are carried through unchanged (speedrun.sh --mc trains them in SFT too).
 MC=${MC:-1}
 MC_BASE=() MC_MID=()
 if [ "$MC" = 1 ]; then
   MC_BASE=(--mc --mc-budget 128 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
-           --mc-train-plain-lm 0 --mc-train-rows 4)
+           --mc-train-plain-lm 0.5 --mc-train-rows 4)
   MC_MID=(--mc --mc-mix-multiples 1,4,16 --mc-mix-batch-size 4)
 fi
 step() { echo; echo "=== $* ==="; }
@@ -41,17 +41,17 @@ python -m scripts.tok_train --vocab-size 4096
 python -m scripts.tok_eval
 step "pretraining (depth $DEPTH)"
 python -m scripts.base_train --run "$RUN" --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size 16 \
-  --total-batch-size $((16 * SEQ)) --num-iterations "$BASE_STEPS" --eval-every 200 --eval-tokens 65536 \
+  --total-batch-size $((16 * SEQ)) --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 65536 \
   --sample-every 0 --log-every 50 "${MC_BASE[@]}"
 python -m scripts.base_loss --device-batch-size 16 --max-seq-len "$SEQ" --split-tokens 65536
 python -m scripts.base_eval --max-seq-len "$SEQ" --eval-tokens 65536 --cloze-items 100
 step "midtraining"
 python -m scripts.mid_train --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
-  --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 100 --eval-tokens 32768 "${MC_MID[@]}"
+  --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 "${MC_MID[@]}"
 python -m scripts.chat_eval -i mid -a offline -x 20 -m 48
 step "supervised fine-tuning"
 python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
-  --num-iterations "$SFT_STEPS" --eval-every 50
+  --num-iterations "$SFT_STEPS" --eval-every 20 --eval-metrics-every -1
 python -m scripts.chat_eval -i sft -a offline -x 20 -m 48
 step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
