@@ -10,7 +10,6 @@ Prints a table and one JSON line (`BENCH_TREE {...}`) for the report.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -18,19 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def rss_mb():
-    """Current resident set size (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+from nanochat.common import rss_mb  # noqa: E402
 
 
 def worker(args):

@@ -111,6 +111,35 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def run_distributed(train, args):
+    """The body of a training script's main(): set up the process (DDP under torchrun), run
+    train(args, ddp, rank, world_size, device), and always tear the process group down."""
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type or autodetect_device_type(),
+                                                             seed=args.seed)
+    if ddp:
+        # ranks share one stdout: write whole lines, or a block-buffered flush can split a line of
+        # one rank around a line of another
+        sys.stdout.reconfigure(line_buffering=True)
+    try:
+        return train(args, ddp, rank, world_size, device)
+    finally:
+        compute_cleanup()
+
+
+def rss_mb():
+    """Current resident set size in MB (Linux /proc; the peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 class DummyWandb:
     """Stands in for wandb when --run=dummy: logs nothing, never touches the network."""
 

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat.common import (UserError, run_main, get_base_dir, compute_init, compute_cleanup, print0,
-                             autocast_ctx, autodetect_device_type, init_wandb)
+from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0,
+                             autocast_ctx, init_wandb)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import setup_optimizers, sync_grads
 from nanochat.checkpoint_manager import save_checkpoint, save_meta, load_checkpoint, find_last_step
@@ -167,16 +167,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.depth < 1 or args.max_seq_len < 2 or args.device_batch_size < 1:
         raise UserError("--depth, --device-batch-size must be >= 1 and --max-seq-len >= 2")
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
-    if ddp:
-        # ranks share one stdout: write whole lines, or a block-buffered flush can split a line of
-        # one rank around a line of another
-        sys.stdout.reconfigure(line_buffering=True)
-    try:
-        _train(args, ddp, rank, world_size, device)
-    finally:
-        compute_cleanup()
+    run_distributed(_train, args)
 
 
 def _train(args, ddp, rank, world_size, device):

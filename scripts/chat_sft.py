@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanochat.common import (UserError, run_main, get_base_dir, compute_init, compute_cleanup, print0,
-                             autocast_ctx, autodetect_device_type, init_wandb)
+from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0,
+                             autocast_ctx, init_wandb)
 from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
 from nanochat.optim import setup_optimizers, sync_grads
 from scripts.base_train import all_reduce_mean, mc_log_line, mc_report_rows
@@ -163,12 +163,7 @@ def training_loss(model, x, y, step):
 
 def main(argv=None):
     args = get_args(argv)
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
-    try:
-        _train(args, ddp, rank, world_size, device)
-    finally:
-        compute_cleanup()
+    run_distributed(_train, args)
 
 
 def _train(args, ddp, rank, world_size, device):

@@ -19,20 +19,7 @@ import time
 import numpy as np
 import torch
 
-from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
-
-
-def rss_mb():
-    """Current resident set size in MB (Linux /proc; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from nanochat.common import UserError, autodetect_device_type, get_base_dir, rss_mb, run_main
 
 
 def sync_device(device):

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanochat.common import (UserError, run_main, get_base_dir, compute_init, compute_cleanup, print0,
-                             autocast_ctx, autodetect_device_type, init_wandb)
+from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0,
+                             autocast_ctx, init_wandb)
 from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers, sync_grads
@@ -165,12 +165,7 @@ def lr_multiplier(progress):
 
 def main(argv=None):
     args = get_args(argv)
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
-    try:
-        _train(args, ddp, rank, world_size, device)
-    finally:
-        compute_cleanup()
+    run_distributed(_train, args)
 
 
 def _train(args, ddp, rank, world_size, device):

@@ -3,7 +3,7 @@ Arithmetic: add, subtract or multiply two small numbers. Code-made and seeded, s
 offline; scored by exact match of the final number after '####' (GSM8K's convention, so a model
 that learns the format here can carry it to GSM8K).
 """
-from tasks.common import Task, example_rng, user_assistant, extract_final_number, numbers_equal
+from tasks.common import GeneratedTask, example_rng, user_assistant, extract_final_number, numbers_equal
 
 _TEMPLATES = [
     "What is {a} {op} {b}?",
@@ -23,16 +23,12 @@ def make_problem(rng, max_value):
     return a, op, b, _OPS[op](a, b)
 
 
-class Arithmetic(Task):
+class Arithmetic(GeneratedTask):
     """`size` examples per split; operands in [0, max_value] (smaller for multiplication)."""
 
     def __init__(self, split="train", size=10000, max_value=99, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.split, self.size, self.max_value, self.seed = split, size, max_value, seed
-        example_rng(seed, split, 0)  # validates the split name
-
-    def num_examples(self):
-        return self.size
+        super().__init__(split, size, seed, **kwargs)
+        self.max_value = max_value
 
     def get_example(self, index):
         rng = example_rng(f"arith{self.seed}", self.split, index)

@@ -101,6 +101,18 @@ class TaskSequence(Task):
         raise IndexError(index)
 
 
+class GeneratedTask(Task):
+    """A task made by code: `size` examples per split, each drawn by example_rng(seed, split, index)."""
+
+    def __init__(self, split="train", size=1000, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        example_rng(seed, split, 0)  # validates the split name
+        self.split, self.size, self.seed = split, size, seed
+
+    def num_examples(self):
+        return self.size
+
+
 def example_rng(seed, split, index):
     """
     The random generator of one code-made example: a pure function of (seed, split, index), so an

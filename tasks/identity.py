@@ -3,7 +3,7 @@ Identity: who the assistant is. Small models have no idea who they are; a few th
 conversations (varied questions, optional greeting turn first) teach the name and the memory story.
 Scored by whether the reply names nanochat and doesn't claim to be another assistant.
 """
-from tasks.common import Task, example_rng
+from tasks.common import GeneratedTask, example_rng
 
 NAME = "nanochat"
 
@@ -32,14 +32,9 @@ _ANSWERS = [
 _OTHER_ASSISTANTS = ("chatgpt", "gpt-4", "claude", "gemini", "llama", "siri", "alexa")
 
 
-class Identity(Task):
+class Identity(GeneratedTask):
     def __init__(self, split="train", size=1000, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.split, self.size, self.seed = split, size, seed
-        example_rng(seed, split, 0)
-
-    def num_examples(self):
-        return self.size
+        super().__init__(split, size, seed, **kwargs)
 
     def get_example(self, index):
         rng = example_rng(f"identity{self.seed}", self.split, index)

@@ -9,7 +9,7 @@ the decoy or listing every colour fails.
 import re
 
 from tasks.arithmetic import make_problem
-from tasks.common import Task, example_rng
+from tasks.common import GeneratedTask, example_rng
 
 # kind -> (how the user states it, how the user asks, the values)
 FACTS = {
@@ -45,19 +45,15 @@ def _has_word(text, word):
     return re.search(r"(?<![\w])" + re.escape(word.lower()) + r"(?![\w])", text.lower()) is not None
 
 
-class Memory(Task):
+class Memory(GeneratedTask):
     """`filler_turns` = (min, max) user/assistant exchanges between the fact and the question."""
 
     def __init__(self, split="train", size=5000, filler_turns=(2, 8), decoy_prob=0.5, seed=0, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(split, size, seed, **kwargs)
         lo, hi = filler_turns
         if not 0 <= lo <= hi:
             raise ValueError(f"filler_turns must be (min, max) with 0 <= min <= max, got {filler_turns}")
-        self.split, self.size, self.filler_turns, self.decoy_prob, self.seed = split, size, (lo, hi), decoy_prob, seed
-        example_rng(seed, split, 0)
-
-    def num_examples(self):
-        return self.size
+        self.filler_turns, self.decoy_prob = (lo, hi), decoy_prob
 
     def _filler(self, rng):
         if rng.random() < 0.5:

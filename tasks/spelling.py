@@ -3,7 +3,7 @@ Spelling and letter counting: "spell 'banana'" -> "b-a-n-a-n-a", and "how many '
 -> spell it out, count along, then '#### 3'. Tokenizers hide letters inside tokens; these teach the
 model to look inside them. The word list is built in (no download).
 """
-from tasks.common import Task, example_rng, user_assistant, extract_final_number, numbers_equal
+from tasks.common import GeneratedTask, example_rng, user_assistant, extract_final_number, numbers_equal
 
 WORDS = """
 apple banana cherry orange grape lemon melon peach pear plum mango papaya strawberry blueberry
@@ -50,16 +50,11 @@ def count_solution(word, letter):
     return f"Spelling it out: {', '.join(steps)}.\nThe letter '{letter}' appears {n} times.\n#### {n}", n
 
 
-class Spelling(Task):
+class Spelling(GeneratedTask):
     """Half the examples spell a word, half count a letter (a letter of the word 3 times in 4)."""
 
     def __init__(self, split="train", size=10000, seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.split, self.size, self.seed = split, size, seed
-        example_rng(seed, split, 0)
-
-    def num_examples(self):
-        return self.size
+        super().__init__(split, size, seed, **kwargs)
 
     def get_example(self, index):
         rng = example_rng(f"spell{self.seed}", self.split, index)
