@@ -87,18 +87,20 @@ class LensNet(nn.Module):
             h = block(h, cos_sin, causal=False, attn_mask=attn_mask)
         return norm(h)
 
-    def forward(self, x, types, tail, mask=None):
-        """Signed scores (B, W) in (-1, 1); padded entries (mask False) score exactly 0."""
+    def forward(self, x, types, tail, mask=None, logits=False):
+        """Signed scores (B, W) in (-1, 1); padded entries (mask False) score exactly 0. logits=True: the
+        pre-tanh values z (score = tanh(z)), what the training losses read: a loss on tanh(z) has no
+        gradient once |z| is large (float32 tanh rounds to +-1), and LensNet would stay saturated."""
         h = self.encode(x, types, mask)
         present = tail if mask is None else (tail & mask)
         w = present.to(h.dtype)[..., None]
         pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)             # (B, d): the present
-        logits = (self.key(h) * self.query(pooled)[:, None, :]).sum(-1) / math.sqrt(h.size(-1))
-        scores = torch.tanh(logits + self.bias)
+        z = (self.key(h) * self.query(pooled)[:, None, :]).sum(-1) / math.sqrt(h.size(-1)) + self.bias
+        scores = z if logits else torch.tanh(z)
         return scores if mask is None else scores * mask.to(scores.dtype)
 
-    def score(self, wcs, readers, wte):
-        """Score WCs directly: (B, W) scores and the (B, W) validity mask."""
+    def score(self, wcs, readers, wte, logits=False):
+        """Score WCs directly: (B, W) scores (pre-tanh with logits=True) and the (B, W) validity mask."""
         x, types, tail, mask = lens_inputs(wcs, readers, wte, self.cfg)
         x = x.to(self.in_proj.weight.dtype)
-        return self(x, types, tail, mask), mask
+        return self(x, types, tail, mask, logits=logits), mask

@@ -39,7 +39,6 @@ from megacontext.telemetry import PhaseTimer
 from megacontext.working_context import (WorkingContext, all_raw, coarsest_tiling, entry_spans, min_cost,
                                          recency_pyramid, tail_start, wc_cost, wc_slot_embeddings)
 
-LISTWISE_TEMP = 0.1  # LensNet scores lie in (-1, 1); the listwise softmax reads score / 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -191,23 +190,24 @@ def lens_targets(delta, temp):
     return torch.sigmoid(torch.as_tensor(delta, dtype=torch.float32) / temp)
 
 
-def lens_loss(scores, delta, legal, temp):
+def lens_loss(z, delta, legal, temp):
     """
-    scores (B, W) LensNet outputs in (-1, 1); delta (B, W) counterfactual NLL drops; legal (B, W)
-    bool (a counterfactual exists). Listwise: softmax(score / 0.1) over each row's legal entries with
-    target = the row's best expansion; binary: BCE of (score + 1) / 2 against sigmoid(delta / temp).
+    z (B, W) LensNet logits (score = tanh(z), `lensnet.score(..., logits=True)`); delta (B, W)
+    counterfactual NLL drops; legal (B, W) bool (a counterfactual exists). Listwise: softmax(z) over
+    each row's legal entries with target = the row's best expansion; binary: BCE of (score + 1) / 2 =
+    sigmoid(2 z) against sigmoid(delta / temp), computed from logits so that it never saturates.
     Rows with fewer than two legal entries, or all deltas tied, contribute only the binary term.
     """
-    delta = delta.to(scores.device, torch.float32)
-    legal = legal.to(scores.device)
-    masked = torch.where(legal, scores / LISTWISE_TEMP, torch.full_like(scores, -1e4))
+    delta = delta.to(z.device, torch.float32)
+    legal = legal.to(z.device)
+    masked = torch.where(legal, z, torch.full_like(z, -1e4))
     best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).argmax(1)
     lo = torch.where(legal, delta, torch.full_like(delta, float("inf"))).min(1).values
     hi = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
     rows = (legal.sum(1) >= 2) & (hi - lo > 1e-3)  # a tie (e.g. context is useless) has no best entry
-    listwise = F.cross_entropy(masked[rows], best[rows]) if rows.any() else scores.sum() * 0
-    p = ((scores + 1) / 2).clamp(1e-4, 1 - 1e-4)
-    bce = F.binary_cross_entropy(p[legal], lens_targets(delta[legal], temp)) if legal.any() else scores.sum() * 0
+    listwise = F.cross_entropy(masked[rows], best[rows]) if rows.any() else z.sum() * 0
+    bce = F.binary_cross_entropy_with_logits(2 * z[legal], lens_targets(delta[legal], temp).to(z.device)) \
+        if legal.any() else z.sum() * 0
     return listwise + bce, listwise, bce
 
 
@@ -357,7 +357,7 @@ class MCObjective:
                 bases, delta, legal, _ = self.counterfactuals(x, y, s, readers, rng)
             if legal.any():
                 with timer("lens"):
-                    scores, _ = self.lensnet.score(bases, readers, self.wte)
+                    scores, _ = self.lensnet.score(bases, readers, self.wte, logits=True)
                     l_total, l_list, l_bce = lens_loss(scores, delta, legal, cfg.lens_temp)
                 loss = loss + cfg.lens_weight * l_total
                 best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
@@ -425,15 +425,15 @@ def weighted_target_nll(gpt, packed, weights):
     return (losses * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def lens_target_loss(scores, legal, target, bce_weight=0.5):
+def lens_target_loss(z, legal, target, bce_weight=0.5):
     """LensNet listwise CE over the legal entries of each row with a known best entry `target` (B,)
     (the counterfactual best: for a needle task the entry that holds the needle) + per-entry BCE
-    (target entry 1, others 0) so that scores are comparable across passes and levels."""
-    masked = torch.where(legal, scores / LISTWISE_TEMP, torch.full_like(scores, -1e4))
+    (target entry 1, others 0) so that scores are comparable across passes and levels. z: LensNet
+    logits (see lens_loss)."""
+    masked = torch.where(legal, z, torch.full_like(z, -1e4))
     ce = F.cross_entropy(masked, target)
-    onehot = F.one_hot(target, scores.size(1)).to(scores.dtype)
-    p = ((scores + 1) / 2).clamp(1e-4, 1 - 1e-4)
-    bce = F.binary_cross_entropy(p[legal], onehot[legal])
+    onehot = F.one_hot(target, z.size(1)).to(z.dtype)
+    bce = F.binary_cross_entropy_with_logits(2 * z[legal], onehot[legal])
     hit = (masked.argmax(1) == target).float().mean()
     return ce + bce_weight * bce, ce.detach(), hit.detach()
 
@@ -469,7 +469,8 @@ def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
 
 def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.0, gist_only=0.25):
     """
-    One retrieval step on rows whose answer needs raw block blocks[b] of the history x[b, :s]:
+    One retrieval step on rows whose answer needs raw block blocks[b] of the history x[b, :s] (an int, or
+    a list of the blocks the answer spans: all are opened, LensNet is taught the first):
     GPT + GistNet learn to copy from gisted contexts with the needle opened (a share `gist_only` of
     rows gets a random level mix instead, so the GPT also sees contexts where it is missing), with an
     answer-weighted next-token loss (`weights` (B, m) on the target segment, default 1); LensNet
@@ -484,15 +485,16 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     with timer("select"):
         parts, lens_wcs, lens_rd, lens_tg = [], [], [], []
         for b in range(B):
+            need = [int(k) for k in np.atleast_1d(blocks[b])]
             if s <= B_h:
                 wc = all_raw(s, cfg)
             elif rng.random() < gist_only:
                 wc = random_mix(s, B_h, cfg, rng)
             else:
-                wc = needle_variant(s, [blocks[b]], B_h, cfg, rng, extra)
+                wc = needle_variant(s, need, B_h, cfg, rng, extra)
             parts.append(wc_part(wc, readers[b], obj.wte, cfg))
             if s > B_h and lens_weight > 0:
-                for lw, t in lens_curriculum(s, int(blocks[b]), cfg, rng):
+                for lw, t in lens_curriculum(s, need[0], cfg, rng):
                     lens_wcs.append(lw)
                     lens_rd.append(readers[b])
                     lens_tg.append(t)
@@ -506,13 +508,14 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     loss, metrics = lm, {"mc/needle_lm": lm.detach(), "mc/hist_tokens": float(s)}
     if lens_wcs:
         with timer("lens"):
-            scores, mask = obj.lensnet.score(lens_wcs, lens_rd, obj.wte)
+            scores, mask = obj.lensnet.score(lens_wcs, lens_rd, obj.wte, logits=True)
             legal = mask.clone()
             for r, wc in enumerate(lens_wcs):
                 legal[r, :len(wc)] &= torch.from_numpy(wc.levels >= 1).to(legal.device)
             l, ce, hit = lens_target_loss(scores, legal, torch.tensor(lens_tg, device=scores.device))
         loss = loss + lens_weight * l
         metrics.update({"mc/lens_loss": l.detach(), "mc/lens_ce": ce, "mc/lens_hit": hit})
+    metrics["mc/loss"] = loss.detach()
     metrics.update(timer.pop())
     return loss, metrics
 
