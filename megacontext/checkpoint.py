@@ -17,7 +17,7 @@ import numpy as np
 from megacontext.config import MCConfig, mc_config_from_args
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
-from megacontext.objective import MCObjective
+from megacontext.objective import MCObjective, needle_loss
 from nanochat.common import UserError
 
 MC_NETS = ("gistnet", "lensnet")
@@ -118,10 +118,17 @@ class MCTrainer:
     def rng(self, step, micro=0):
         return np.random.default_rng([self.seed, self.rank, step, micro])
 
+    def needle(self, batch, step, micro=0):
+        """The retrieval recipe (objective.needle_loss) on a long-context batch whose answer blocks are
+        known (tasks/mc_mixture.MCBatch with blocks on every row)."""
+        return needle_loss(self.split_objective, batch.x, batch.y, batch.s, batch.blocks, self.rng(step, micro))
+
     def min_len(self):
         return self.cfg.block_size + self.cfg.train_min_target
 
     def loss(self, x, y, step, micro=0, s=None):
+        if s is not None and s <= self.cfg.hist_budget():
+            return self.gpt(x, y), {}  # the history fits raw: the packed forward IS the plain one
         if s is not None:
             return self.split_objective.loss(x, y, self.rng(step, micro), step, s=s)
         if x.size(1) < self.min_len():

@@ -88,6 +88,9 @@ def get_args(argv=None):
     p.add_argument("--mc-mix-multiples", default="1,4,16,64", help="--mc: history lengths as multiples of the budget")
     p.add_argument("--mc-mix-tasks", default="passkey,multikey,kv_recall,longchat", help="--mc: long-context tasks")
     p.add_argument("--mc-mix-batch-size", type=int, default=4, help="--mc: rows per long-context micro-batch")
+    p.add_argument("--mc-warmup-rows-mult", type=int, default=4,
+                   help="--mc: the copy warm-up's micro-batches have this many times --mc-mix-batch-size rows "
+                        "(its histories are short: 2-4 blocks)")
     add_mc_args(p)
     return p.parse_args(argv)
 
@@ -191,8 +194,10 @@ def _train(args, ddp, rank, world_size, device):
         extra_modules = load_mc_modules(orig_model, passthrough, base_meta, where, cfg=mc_cfg, device=device)
         passthrough = {k: v for k, v in passthrough.items() if k not in MC_NETS}
         mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
-        if not 0 <= args.mc_mix_share <= 1 or not 0 <= args.mc_mix_warmup <= 1 or args.mc_mix_batch_size < 1:
-            raise UserError("--mc-mix-share and --mc-mix-warmup must be in [0, 1], --mc-mix-batch-size >= 1")
+        if (not 0 <= args.mc_mix_share <= 1 or not 0 <= args.mc_mix_warmup <= 1
+                or min(args.mc_mix_batch_size, args.mc_warmup_rows_mult) < 1):
+            raise UserError("--mc-mix-share and --mc-mix-warmup must be in [0, 1], --mc-mix-batch-size and "
+                            "--mc-warmup-rows-mult >= 1")
         try:
             mix = MCMixture(tokenizer, mc_cfg, load_filler(), multiples=parse_list(args.mc_mix_multiples, float),
                             tasks=parse_list(args.mc_mix_tasks))
@@ -271,11 +276,16 @@ def _train(args, ddp, rank, world_size, device):
             if mc_trainer is not None:
                 # the kind of micro-batch is drawn without the rank: every rank does the same work
                 if np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
-                    x, y, s = mix.batch(args.mc_mix_batch_size, mc_trainer.rng(step, 1000 + micro),
-                                        warmup=warm_frac < args.mc_mix_warmup)
-                    mc_rows += x.size(0)
+                    warm = warm_frac < args.mc_mix_warmup
+                    b = mix.batch(args.mc_mix_batch_size * (args.mc_warmup_rows_mult if warm else 1),
+                                  mc_trainer.rng(step, 1000 + micro), warmup=warm)
+                    b.x, b.y = b.x.to(device), b.y.to(device)
+                    mc_rows += b.x.size(0)
                     with autocast:
-                        loss, extra_logs = mc_trainer.loss(x.to(device), y.to(device), step, micro, s=s)
+                        if all(k is not None for k in b.blocks):  # the answer's blocks are known
+                            loss, extra_logs = mc_trainer.needle(b, step, micro)
+                        else:
+                            loss, extra_logs = mc_trainer.loss(b.x, b.y, step, micro, s=b.s)
                 else:
                     x, y, progress = next(train_loader)
                     with autocast:

@@ -1,27 +1,41 @@
 """
 The long-context part of --mc midtraining (DESIGN.md section 8): synthetic tasks rendered into
-(x, y, s) batches for MCObjective.loss(x, y, rng, step, s=s).
+MCBatch(x, y, s, blocks) for the MegaContext objective.
 
 Every row of a batch has a history of exactly s tokens (block-aligned, s = multiple x budget) and a
 target segment [s, T) holding the question and its answer; labels (y) are only on the answer tokens
 (for chats: on the assistant's reply), so the loss, the counterfactual delta_nll and LensNet's
 labels all measure "did the history deliver the fact". Rows are right-padded with BOS (label -1).
+`blocks[r]` lists the history blocks (K-token, aligned) that hold row r's answer (the asked key's
+digits), or is None where no single place holds it (chats, copy rows): the needle recipe
+(objective.needle_loss) opens these blocks and teaches LensNet to find them.
 
     mix = MCMixture(tokenizer, cfg, filler_text)
-    x, y, s = mix.batch(B, rng)                 # a long-context batch, history = m x budget
-    x, y, s = mix.batch(B, rng, warmup=True)    # the copy warm-up: 2-4 block histories
+    b = mix.batch(B, rng)                 # a long-context batch, history = m x budget
+    b = mix.batch(B, rng, warmup=True)    # the copy warm-up: histories that fit the budget raw
 
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py)
 and longchat (tasks/memory.py conversations with many filler turns; the question is the last user
-turn). The warm-up (first) mixes exact copies of a history span and short passkeys: contexts of
-2-4 blocks that fit the budget raw, where copying can appear before long contexts are mixed in.
+turn). The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
+every repeated token labelled) and short pass keys. Answer-only rows carry ~5 labelled tokens each,
+too little signal for a small GPT to form its copying (induction) heads; 64 labelled copy tokens a row
+do it in ~200 steps (dev/LOG.md, 2026-11-22).
 """
+from dataclasses import dataclass
+
 import torch
 
-from tasks.longctx import kv_recall, multikey, passkey
+from tasks.longctx import _key_span, kv_recall, multikey, passkey
 
 TASKS = ("passkey", "multikey", "kv_recall", "longchat")
-COPY_PROMPTS = ["\nRepeat the text above from '", "\nCopy: ", "\nSay it again: "]
+
+
+@dataclass
+class MCBatch:
+    x: torch.Tensor   # (B, T) inputs
+    y: torch.Tensor   # (B, T) next-token labels, -1 = no loss
+    s: int            # history length (x[:, :s] is the history)
+    blocks: list      # per row: history block indices holding the answer, or None
 
 
 def load_filler(max_chars=400_000):
@@ -65,6 +79,7 @@ class MCMixture:
         self.multiples, self.tasks = tuple(multiples), tuple(tasks)
         self.K = cfg.block_size
         self.bos = tokenizer.get_bos_token_id()
+        self.n_plain = min(tokenizer.encode_special(t) for t in tokenizer.get_special_tokens())
         self.filler_ids = list(tokenizer.encode(filler))
         if len(self.filler_ids) < 4 * self.K:
             raise ValueError("the filler text is too short")
@@ -86,7 +101,7 @@ class MCMixture:
             return self._chat_row(s, rng)
         # several needles may not fit a short history (small vocabularies spend many tokens on
         # them): retry with fewer, then fall back to one pass key
-        tries = {"passkey": [lambda: passkey(self.filler, self.tok, rng, s)],
+        tries = {"passkey": [lambda: passkey(self.filler, self.tok, rng, s, key_in_block=self.K)],
                  "multikey": [lambda: multikey(self.filler, self.tok, rng, s, n_keys=int(rng.integers(2, 5)),
                                                n_decoys=int(rng.integers(0, 3))),
                               lambda: multikey(self.filler, self.tok, rng, s, n_keys=2, n_decoys=0)],
@@ -101,7 +116,9 @@ class MCMixture:
         else:
             raise ValueError(f"a history of {s} tokens is too short for any long-context task")
         assert ex.question_start == s, (ex.question_start, s)
-        return ex.ids, ex.answer_span
+        a, b = ex.key_spans[0] if ex.key_spans else _key_span(ex.ids, ex.needle_spans[0],
+                                                                    list(self.tok.encode(ex.answer.strip())))
+        return ex.ids, ex.answer_span, list(range(a // self.K, (b - 1) // self.K + 1))
 
     def _chat_row(self, s, rng):
         """A Memory conversation whose filler turns fill about s tokens; everything before the last
@@ -122,21 +139,21 @@ class MCMixture:
         ids, mask = pad + list(ids), [0] * len(pad) + list(mask)
         # the answer = the assistant's final reply (its mask); find its span after the question
         a = next(i for i in range(s, len(ids)) if mask[i])
-        return ids, (a, len(ids))
+        return ids, (a, len(ids)), None
 
     def _copy_row(self, s, rng):
-        """History of s filler tokens; the target asks to repeat a span of it, labels on the copy."""
-        hist = self._filler(rng, s)
-        n = int(rng.integers(8, max(9, min(s, 3 * self.K) // 2 + 1)))
+        """An induction row: s random tokens (ordinary, non-special ids), then a span of 16..64 of them
+        repeated; the target is the repeat (labels from its second token: the first is unpredictable)."""
+        hist = rng.integers(0, self.n_plain, s).tolist()
+        n = int(rng.integers(16, min(s, 2 * self.K) + 1))
         start = int(rng.integers(0, s - n + 1))
-        prompt = list(self.tok.encode(COPY_PROMPTS[int(rng.integers(len(COPY_PROMPTS)))]))
-        ids = hist + prompt + hist[start:start + n]
-        return ids, (s + len(prompt), len(ids))
+        ids = hist + hist[start:start + n]
+        return ids, (s + 1, len(ids)), None
 
     # --- batches
     def _collate(self, rows, s):
         xs, ys = [], []
-        for ids, (a, b) in rows:
+        for ids, (a, b), _ in rows:
             x, y = _labels_on(ids, a, b)
             xs.append(x)
             ys.append(y)
@@ -146,14 +163,14 @@ class MCMixture:
         for r, (x, y) in enumerate(zip(xs, ys)):
             X[r, :len(x)] = torch.tensor(x)
             Y[r, :len(y)] = torch.tensor(y)
-        return X, Y, s
+        return MCBatch(X, Y, s, [blocks for _, _, blocks in rows])
 
     def batch(self, B, rng, warmup=False):
-        """(x (B, T), y (B, T), s). One history length and one task per batch (equal-length rows)."""
+        """An MCBatch of B rows. One history length and one task per batch (equal-length rows)."""
         if warmup:
             hi = max(2, min(4, self.cfg.hist_budget() // self.K))
             s = self.K * int(rng.integers(2, hi + 1))
-            kind = "copy" if rng.random() < 0.5 else "passkey"
+            kind = "copy" if rng.random() < 0.75 else "passkey"
             rows = [self._copy_row(s, rng) if kind == "copy" else self._row("passkey", s, rng) for _ in range(B)]
             return self._collate(rows, s)
         s = self.history_len(self.multiples[int(rng.integers(len(self.multiples)))])
@@ -166,4 +183,4 @@ def parse_list(text, typ=str):
     return [typ(v) for v in str(text).split(",") if v.strip()]
 
 
-__all__ = ["MCMixture", "load_filler", "parse_list", "TASKS"]
+__all__ = ["MCBatch", "MCMixture", "load_filler", "parse_list", "TASKS"]
