@@ -5,7 +5,7 @@ JSON shape, determinism, plots, the report section, and checkpoints with and wit
 """
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -329,3 +329,90 @@ def test_mc_bench_report_section(tmp_path, monkeypatch):
     md = report_markdown(res, str(tmp_path / "report" / "mc_bench_decode.png"))
     assert "| 1,000 | 2.500 | 1.250 | 300.0 | 500 |" in md and "| 1,000,000 | 2.750 | - | 900.0 | 505 |" in md
     assert "](mc_bench_decode.png)" in md  # relative to report.md
+
+
+# -----------------------------------------------------------------------------
+# quality: gist substitutability per level, LensNet pair agreement
+
+def test_quality_plan_histories():
+    from scripts.mc_eval import lens_candidates, quality_plan
+    cfg = MCConfig(budget=128, tail_tokens=32)
+    hist, why = quality_plan(cfg, 256, 64)
+    assert hist == {"level_1": 192, "level_2": 32 * 32 + 32, "lens": 192} and why == {}
+    assert lens_candidates(192, cfg) >= 2
+    # a tail of 128 in a 256-token GPT: level 1 fits, but its base WC (B_h 256) is all raw -> a longer lens history
+    cfg = MCConfig(budget=512, tail_tokens=128)
+    hist, why = quality_plan(cfg, 256, 64)
+    assert hist["level_1"] == 192 and lens_candidates(192, cfg) == 0
+    assert hist["lens"] > 192 and hist["lens"] % 32 == 0 and lens_candidates(hist["lens"], cfg) >= 2
+    hist, why = quality_plan(replace(cfg, max_level=1), 200, 64)  # no room for tail + block + target
+    assert hist["level_1"] is None and hist["level_2"] is None and set(why) == {"level_1", "level_2"}
+    assert hist["lens"] is not None  # the agreement needs no raw reference
+
+
+def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
+    """run_quality on a GPT that reads its context: shapes, the substitutability formula, the guard,
+    agreement in [0, 1], determinism, and null + reasons without MC weights."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", tiny_base_dir)
+    from nanochat.tokenizer import get_tokenizer
+    from scripts.mc_eval import CachedTokenizer, quality_problems, run_quality, validate_result
+    gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
+    models = (gpt, gistnet, lensnet, CachedTokenizer(get_tokenizer()), cfg)
+    q = run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False)
+    number = lambda v: v is None or isinstance(v, (int, float))  # noqa: E731
+    assert quality_problems(q, number) == []
+    l1, l2, lens = q["level_1"], q["level_2"], q["lens"]
+    assert l1["history_tokens"] == 224 and l1["raw_fits_context"] is True and l1["rows"] == 2  # 224 + 32 <= 256
+    assert l2["history_tokens"] == 1056 and l2["raw_fits_context"] is False  # beyond the GPT's 256 tokens
+    for key, r in (("level_1", l1), ("level_2", l2)):
+        assert all(0 < r[f"nll_{k}"] < 20 for k in ("raw", "gists", "dropped", "none"))
+        assert r["lm_guard"] == (r["nll_gists"] < r["nll_none"])
+        gap = r["nll_dropped"] - r["nll_raw"]
+        if gap > 1e-6:
+            assert r["substitutability"] == pytest.approx((r["nll_dropped"] - r["nll_gists"]) / gap, abs=1e-4)
+        else:
+            assert r["substitutability"] is None and "undefined" in q["reasons"][key]
+    assert lens["history_tokens"] == 224 and 0 < lens["rows"] <= 2
+    assert 0 <= lens["agreement"] <= 1 and 0 <= lens["top1"] <= 1 and lens["delta_nll"] is not None
+    assert run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False) == q  # deterministic
+    none = run_quality((gpt, None, None, models[3], cfg), tiny_docs[-24:], 32, 2, seed=0, progress=False)
+    assert none["level_1"] is None and none["lens"] is None and set(none["reasons"]) == {"level_1", "level_2", "lens"}
+    base = {"config": {}, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None}}
+    assert validate_result({**base, "quality": q}) and validate_result({**base, "quality": none})
+
+
+def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
+    """`--tasks quality --random-init` (and with --baselines-only) runs, validates and reports."""
+    from scripts.mc_eval import validate_result
+    for extra in ([], ["--baselines-only"]):
+        res = _run(tmp_path / "q.json", ["--tasks", "quality", "--doc-target", "32"] + extra)
+        with open(tmp_path / "q.json") as f:
+            assert validate_result(json.load(f))
+        q = res["quality"]
+        assert q["level_1"]["history_tokens"] == 224 and q["level_2"]["raw_fits_context"] is False
+        assert "quality" in res["timings"] and res["passkey"] == {}
+    with open(os.path.join(tiny_base_env, "report", "megacontext-evaluation.md")) as f:
+        md = f.read()
+    assert "### Gist quality and LensNet agreement" in md and "| 1 | 224 |" in md and "LensNet pair agreement" in md
+
+
+def test_quality_shape_and_report_rows():
+    from scripts.mc_eval import quality_markdown, validate_result
+    lvl = {"history_tokens": 960, "target_tokens": 64, "rows": 4, "nll_raw": 3.0, "nll_gists": 3.2,
+           "nll_dropped": 3.4, "nll_none": 4.0, "substitutability": 0.5, "lm_guard": True, "raw_fits_context": True}
+    q = {"level_1": lvl, "level_2": None, "lens": {"history_tokens": 960, "rows": 4, "agreement": 0.8, "top1": 0.5,
+                                                   "delta_nll": 1.25}, "reasons": {"level_2": "max_level 1"}}
+    base = {"config": {}, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None}}
+    assert validate_result({**base, "quality": q})
+    for bad in ({**q, "lens": {**q["lens"], "agreement": 1.5}}, {**q, "level_1": {**lvl, "lm_guard": "yes"}},
+                {**q, "level_1": {**lvl, "nll_raw": float("nan")}}, {k: v for k, v in q.items() if k != "lens"},
+                {**q, "level_2": 3.0}, {**q, "level_1": {k: v for k, v in lvl.items() if k != "rows"}}, []):
+        with pytest.raises(ValueError, match="documented shape"):
+            validate_result({**base, "quality": bad})
+    md = quality_markdown(q, {"doc_target": 64, "sequence_len": 1024})
+    assert "| 1 | 960 | 3.0000 | 3.2000 | 3.4000 | 4.0000 | 0.500 | pass |" in md
+    assert "| 2 | - |" in md and "level 2: not measured (max_level 1)" in md
+    assert "**0.800** (target >= 0.75, random 0.5); top-1 0.500" in md
+    md = quality_markdown({**q, "level_1": {**lvl, "raw_fits_context": False, "lm_guard": False}},
+                          {"doc_target": 64, "sequence_len": 512})
+    assert "3.0000* |" in md and "FAIL" in md and "exceeds the GPT's sequence length (512)" in md
