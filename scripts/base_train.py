@@ -89,7 +89,8 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-MC_LOG_KEYS = ("mc/loss", "mc/lens_loss", "mc/lens_agreement", "mc/delta_nll", "mc/budget_utilization")
+MC_LOG_KEYS = ("mc/loss", "mc/lens_loss", "mc/lens_agreement", "mc/delta_nll", "mc/budget_utilization",
+               "mc/needle_lm", "mc/lens_hit")
 
 
 def mc_log_line(means):

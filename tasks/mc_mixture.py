@@ -11,7 +11,7 @@ digits), or is None where no single place holds it (chats, copy rows): the needl
 (objective.needle_loss) opens these blocks and teaches LensNet to find them.
 
     mix = MCMixture(tokenizer, cfg, filler_text)
-    b = mix.batch(B, rng)                 # a long-context batch, history = m x budget
+    b = mix.batch(B, rng)                 # a long-context batch, history = m x budget (fewer rows if m > 4)
     b = mix.batch(B, rng, warmup=True)    # the copy warm-up: histories that fit the budget raw
 
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py)
@@ -173,8 +173,12 @@ class MCMixture:
             kind = "copy" if rng.random() < 0.75 else "passkey"
             rows = [self._copy_row(s, rng) if kind == "copy" else self._row("passkey", s, rng) for _ in range(B)]
             return self._collate(rows, s)
-        s = self.history_len(self.multiples[int(rng.integers(len(self.multiples)))])
+        m = self.multiples[int(rng.integers(len(self.multiples)))]
+        s = self.history_len(m)
         task = self.tasks[int(rng.integers(len(self.tasks)))]
+        # fewer rows for long histories (B up to 4x the budget, then B * 4 / m, at least 2): GistNet runs
+        # with gradient over every history token, and the GPT's copying learns as much from short ones
+        B = min(B, max(2, int(B * 4 // max(m, 4))))
         return self._collate([self._row(task, s, rng) for _ in range(B)], s)
 
 
