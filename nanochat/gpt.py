@@ -75,7 +75,8 @@ def apply_rotary_emb(x, cos, sin):
 
 class KVCache:
     """
-    Per-layer keys/values of everything seen so far, (B, H_kv, T, D) per layer, grown on demand.
+    Per-layer keys/values of everything seen so far, (B, H_kv, T, D) per layer, grown on demand,
+    and the input embeddings (B, T, d) (the smear of the next input reads the previous one).
     `truncate(n)` drops every entry from position n on: the MegaContext runtime uses it to keep
     the K/V of slots before the first edited working-context entry and recompute the rest.
     """
@@ -84,6 +85,7 @@ class KVCache:
         shape = (num_layers, batch_size, num_heads, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.emb = None  # (B, cap, d), allocated by the first insert_emb
         self.pos = 0
 
     def _grow(self, needed):
@@ -95,6 +97,18 @@ class KVCache:
         pad[3] = new_cap - cap
         self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=3)
         self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=3)
+        if self.emb is not None:
+            self.emb = torch.cat([self.emb, self.emb.new_zeros(self.emb.size(0), new_cap - cap, self.emb.size(2))], 1)
+
+    def insert_emb(self, x):
+        """Store the inputs x (B, T, d) at positions pos..pos+T; return the input before them (B, 1, d),
+        zeros at position 0."""
+        if self.emb is None:
+            self.emb = x.new_zeros(x.size(0), self.k.size(3), x.size(2))
+        t0 = self.pos
+        self._grow(t0 + x.size(1))
+        self.emb[:, t0:t0 + x.size(1)] = x
+        return self.emb[:, t0 - 1:t0] if t0 > 0 else x.new_zeros(x.size(0), 1, x.size(2))
 
     def insert_kv(self, layer_idx, k, v):
         t0, t1 = self.pos, self.pos + k.size(2)
@@ -116,6 +130,8 @@ class KVCache:
             raise ValueError("expand_batch needs a batch-1 cache")
         self.k = self.k.expand(-1, batch_size, -1, -1, -1).contiguous()
         self.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
+        if self.emb is not None:
+            self.emb = self.emb.expand(batch_size, -1, -1).contiguous()
 
 
 class CausalSelfAttention(nn.Module):
@@ -202,6 +218,11 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # smear (token shift): input t += smear * input t-1, a per-channel gate that starts at 0. It hands
+        # every position its predecessor, so one attention layer can match "the token before j" and copy
+        # (an induction head); without it a small GPT needs a previous-token head first, and at depth 2
+        # on CPU that circuit did not form in 500 midtraining steps (dev/LOG.md, 2026-11-22).
+        self.smear = nn.Parameter(torch.zeros(config.n_embd))
 
     @property
     def head_dim(self):
@@ -212,6 +233,7 @@ class GPT(nn.Module):
         init_transformer_weights(self.transformer.h, self.config.n_embd)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        nn.init.zeros_(self.smear)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -246,6 +268,8 @@ class GPT(nn.Module):
             t0 = kv_cache.pos if kv_cache is not None else 0
             pos = torch.arange(t0, t0 + T, device=x.device)[None, :].expand(B, T)
         cos_sin = rope_cos_sin(pos, self.head_dim, self.config.rope_base, pos_sigma)
+        first = kv_cache.insert_emb(x) if kv_cache is not None else x.new_zeros(B, 1, x.size(2))
+        x = x + self.smear.to(x.dtype) * torch.cat([first, x[:, :-1]], dim=1)
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)

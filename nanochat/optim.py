@@ -79,7 +79,7 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
     Returns [adamw, muon] for a GPT:
     - Muon (lr=matrix_lr) over every parameter of model.transformer.h (all 2D)
     - AdamW over lm_head (unembedding_lr) and wte (embedding_lr), both scaled by (n_embd/768)^-0.5
-      as in nanochat (wider models take smaller AdamW steps)
+      as in nanochat (wider models take smaller AdamW steps), and the smear gate (embedding_lr / 10)
     - extra_adamw_params (the MegaContext nets): an iterable of tensors (one group at unembedding_lr)
       or of param-group dicts {"params": [...], "lr": base_lr, ...}; their lr is scaled the same way.
     Every group gets "initial_lr" so that the LR schedule multiplies it.
@@ -89,6 +89,7 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
     adam_groups = [
         dict(params=list(model.lm_head.parameters()), lr=unembedding_lr * dmodel_lr_scale),
         dict(params=list(model.transformer.wte.parameters()), lr=embedding_lr * dmodel_lr_scale),
+        dict(params=[model.smear], lr=0.1 * embedding_lr * dmodel_lr_scale),  # a gate: ~0.05 a step at d=128
     ]
     if extra_adamw_params is not None:
         extra = list(extra_adamw_params)

@@ -22,6 +22,7 @@ def tiny_gpt(vocab=97, n_layer=2, n_embd=64, n_head=4, n_kv_head=4, seq=64, seed
         for name, p in model.named_parameters():
             if name.endswith("c_proj.weight"):
                 p.normal_(0, 0.02)
+        model.smear.uniform_(-0.5, 0.5)  # the smear starts at 0: a non-zero gate tests its cache path
     return model.eval()
 
 
@@ -168,7 +169,7 @@ def test_setup_optimizers_groups_and_lr_scaling():
                                    extra_adamw_params=[{"params": extra.parameters(), "lr": 0.001}])
     scale = (64 / 768) ** -0.5
     lrs = [g["lr"] for g in adamw.param_groups]
-    assert lrs == pytest.approx([0.004 * scale, 0.2 * scale, 0.001 * scale])
+    assert lrs == pytest.approx([0.004 * scale, 0.2 * scale, 0.02 * scale, 0.001 * scale])  # ..., smear, extra
     assert all(g["initial_lr"] == g["lr"] for o in (adamw, muon) for g in o.param_groups)
     ids = lambda ps: {id(p) for p in ps}
     muon_ids = ids(p for g in muon.param_groups for p in g["params"])

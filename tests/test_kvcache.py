@@ -29,6 +29,7 @@ def tiny_gpt(seed=0, depth=2):
         for name, p in gpt.named_parameters():
             if name.endswith("c_proj.weight"):
                 p.uniform_(-0.3, 0.3)
+        gpt.smear.uniform_(-0.5, 0.5)  # the smear starts at 0: a non-zero gate tests its cache path
     return gpt.eval()
 
 

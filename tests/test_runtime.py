@@ -31,7 +31,7 @@ def randomise(module, scale=0.3):
     """Non-trivial weights: nanochat zero-inits residual projections (and GistNet its head)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith("c_proj.weight") or name == "head.weight":
+            if name.endswith("c_proj.weight") or name == "head.weight" or name == "smear":
                 p.uniform_(-scale, scale)
     return module
 
