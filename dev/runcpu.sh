@@ -14,20 +14,26 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 DEPTH=${DEPTH:-2}
 SEQ=${SEQ:-256}
 BASE_STEPS=${BASE_STEPS:-300}
-MID_STEPS=${MID_STEPS:-100}
+MC=${MC:-1}
+MID_STEPS=${MID_STEPS:-$([ "$MC" = 1 ] && echo 1200 || echo 100)}
 SFT_STEPS=${SFT_STEPS:-40}
 RUN=${WANDB_RUN:-dummy}
-# MegaContext is on by default (MC=0 trains a plain model). A toy budget: 128 working-context slots,
-# 32 raw tail tokens; the MC objective on every other step, on 4 rows of the batch (plain LM on the
-# rest), with 4 counterfactual expansions per row, keeps its cost on CPU near 2x plain training. SFT runs without
-# --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without the flag the
-# GistNet/LensNet weights are carried through unchanged (speedrun.sh --mc trains them in SFT too).
-MC=${MC:-1}
-MC_BASE=() MC_MID=()
+# MegaContext is on by default (MC=0 trains a plain model). A toy budget: 192 working-context slots,
+# 32 raw tail tokens (192 is the least that opens a needle coarse to fine at 256x: 32 tail + 47 gists
+# + 3 x 31 expansions), and 2 heads per layer (--head-dim 64): copying needs a previous-token head and
+# an induction head. Pretraining runs the MC objective on 4 rows of every other batch with 4
+# counterfactual expansions per row (near 2x plain training on CPU). Midtraining starts with the copy
+# warm-up (random-token span copies until the GPT copies) and then spends 80 % of its batches on
+# needle tasks (pass keys twice as often as multi-key and key-value recall) at 1-64x the budget. SFT
+# runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
+# the flag the GistNet/LensNet weights are carried through unchanged (speedrun.sh --mc trains them).
+MC_BASE=() MC_MID=() HEADS=()
 if [ "$MC" = 1 ]; then
-  MC_BASE=(--mc --mc-budget 128 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
+  HEADS=(--head-dim 64)
+  MC_BASE=(--mc --mc-budget 192 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
            --mc-train-plain-lm 0.5 --mc-train-rows 4)
-  MC_MID=(--mc --mc-mix-multiples 1,4,16 --mc-mix-batch-size 4)
+  MC_MID=(--mc --mc-mix-multiples 1,4,16,64 --mc-mix-batch-size 16 --mc-mix-share 0.8 --mc-mix-warmup 0.4
+          --mc-warmup-rows-mult 2 --mc-mix-tasks passkey,passkey,multikey,kv_recall)
 fi
 step() { echo; echo "=== $* ==="; }
 t0=$(date +%s)
@@ -42,12 +48,12 @@ python -m scripts.tok_eval
 step "pretraining (depth $DEPTH)"
 python -m scripts.base_train --run "$RUN" --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size 16 \
   --total-batch-size $((16 * SEQ)) --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 65536 \
-  --sample-every 0 --log-every 50 "${MC_BASE[@]}"
+  --sample-every 0 --log-every 50 "${HEADS[@]}" "${MC_BASE[@]}"
 python -m scripts.base_loss --device-batch-size 16 --max-seq-len "$SEQ" --split-tokens 65536
 python -m scripts.base_eval --max-seq-len "$SEQ" --eval-tokens 65536 --cloze-items 100
 step "midtraining"
 python -m scripts.mid_train --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
-  --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 "${MC_MID[@]}"
+  --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 300 --eval-tokens 32768 "${MC_MID[@]}"
 python -m scripts.chat_eval -i mid -a offline -x 20 -m 48
 step "supervised fine-tuning"
 python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
@@ -55,7 +61,7 @@ python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" -
 python -m scripts.chat_eval -i sft -a offline -x 20 -m 48
 step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
-  python -m scripts.mc_eval --source sft --quick
+  python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20
 else
   python -m scripts.mc_eval --source sft --quick --baselines-only
 fi

@@ -28,7 +28,7 @@ checkpoint (--mc-* flags may override only the training/focus knobs, see
 megacontext/checkpoint.py). A share `--mc-mix-share` of micro-batches are long-context rows from
 tasks/mc_mixture.py (passkey, multi-key needle, key-value recall, long chats; histories of
 `--mc-mix-multiples` x the budget), preceded for the first `--mc-mix-warmup` of the run by the copy
-warm-up (2-4 block contexts: span copies and short pass keys).
+warm-up, which takes every micro-batch (2-4 block contexts: random-token span copies and short pass keys).
 """
 import argparse
 import math
@@ -84,10 +84,13 @@ def get_args(argv=None):
     p.add_argument("--mc-mix-share", type=float, default=0.5,
                    help="--mc: share of micro-batches that are long-context task rows (tasks/mc_mixture.py)")
     p.add_argument("--mc-mix-warmup", type=float, default=0.2,
-                   help="--mc: share of the run (first) whose long-context rows are the short copy warm-up")
+                   help="--mc: share of the run (first) that is the copy warm-up (all its micro-batches)")
     p.add_argument("--mc-mix-multiples", default="1,4,16,64", help="--mc: history lengths as multiples of the budget")
     p.add_argument("--mc-mix-tasks", default="passkey,multikey,kv_recall,longchat", help="--mc: long-context tasks")
     p.add_argument("--mc-mix-batch-size", type=int, default=4, help="--mc: rows per long-context micro-batch")
+    p.add_argument("--mc-warmup-exit", type=float, default=0.5,
+                   help="--mc: the warm-up ends early once its copy rows' loss (mean of the last 10 copy micro-batches) "
+                        "is below this many nats per token: the GPT copies")
     p.add_argument("--mc-warmup-rows-mult", type=int, default=4,
                    help="--mc: the copy warm-up's micro-batches have this many times --mc-mix-batch-size rows "
                         "(its histories are short: 2-4 blocks)")
@@ -254,6 +257,7 @@ def _train(args, ddp, rank, world_size, device):
                 disable=not master or not sys.stderr.isatty(), dynamic_ncols=True)
     step, progress = 0, 0.0
     mc_window, mc_last, mc_rows = MetricWindow(), {}, 0
+    copy_losses, warm_done, warmup_steps = deque(maxlen=10), False, 0
     while True:
         # a pass over the mixture ends the run when no step count was given; ranks must agree
         if num_iterations > 0:
@@ -272,11 +276,14 @@ def _train(args, ddp, rank, world_size, device):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         warm_frac = step / num_iterations if num_iterations > 0 else progress
+        copy_sum, copy_n = torch.zeros((), device=device), 0
         for micro in range(grad_accum_steps):
             if mc_trainer is not None:
                 # the kind of micro-batch is drawn without the rank: every rank does the same work
-                if np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
-                    warm = warm_frac < args.mc_mix_warmup
+                # the copy warm-up takes every micro-batch: induction (copying) heads form in ~200 steps
+                # of pure copy rows and not at all when chat batches dilute them (dev/LOG.md)
+                warm = not warm_done and warm_frac < args.mc_mix_warmup
+                if warm or np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
                     b = mix.batch(args.mc_mix_batch_size * (args.mc_warmup_rows_mult if warm else 1),
                                   mc_trainer.rng(step, 1000 + micro), warmup=warm)
                     b.x, b.y = b.x.to(device), b.y.to(device)
@@ -286,6 +293,8 @@ def _train(args, ddp, rank, world_size, device):
                             loss, extra_logs = mc_trainer.needle(b, step, micro)
                         else:
                             loss, extra_logs = mc_trainer.loss(b.x, b.y, step, micro, s=b.s)
+                    if warm and all(k is None for k in b.blocks):  # a copy batch: the warm-up's exit test
+                        copy_sum, copy_n = copy_sum + loss.detach(), copy_n + 1
                 else:
                     x, y, progress = next(train_loader)
                     with autocast:
@@ -313,6 +322,12 @@ def _train(args, ddp, rank, world_size, device):
         for m in [orig_model, *extra_modules.values()]:
             m.zero_grad(set_to_none=True)
         train_loss_value = all_reduce_mean(loss_sum / grad_accum_steps).item()
+        if copy_n:  # every rank drew the same kinds of micro-batch, so all ranks take this branch
+            copy_losses.append(all_reduce_mean(copy_sum / copy_n).item())
+            warmup_steps = step + 1
+            if len(copy_losses) == copy_losses.maxlen and sum(copy_losses) / len(copy_losses) < args.mc_warmup_exit:
+                warm_done = True
+                print0(f"copy warm-up done at step {step + 1}: copy-row loss {sum(copy_losses) / len(copy_losses):.3f}")
         if not math.isfinite(train_loss_value):
             raise RuntimeError(f"the training loss is {train_loss_value} at step {step}: diverged")
         dt = time.time() - t0
@@ -359,7 +374,9 @@ def _train(args, ddp, rank, world_size, device):
             {"Final train loss": train_loss_value, "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb},
             *mc_report_rows(mc_cfg, mc_last, train_loss_value, val_bpb,
                             int(total_batch_size * max(step - 1, 0) / total_time) if total_time > 0 else None),
-            *([{"Long-context rows (mc_mixture)": mc_rows}] if mc_cfg is not None else []),
+            *([{"Long-context rows (mc_mixture)": mc_rows, "Copy warm-up steps": warmup_steps,
+                "Copy warm-up ended by": "the GPT copying" if warm_done else "its step cap"}]
+              if mc_cfg is not None else []),
         ])
     wandb_run.finish()
 

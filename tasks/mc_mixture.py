@@ -142,10 +142,10 @@ class MCMixture:
         return ids, (a, len(ids)), None
 
     def _copy_row(self, s, rng):
-        """An induction row: s random tokens (ordinary, non-special ids), then a span of 16..64 of them
+        """An induction row: s random tokens (ordinary, non-special ids), then a span of K..2K of them
         repeated; the target is the repeat (labels from its second token: the first is unpredictable)."""
         hist = rng.integers(0, self.n_plain, s).tolist()
-        n = int(rng.integers(16, min(s, 2 * self.K) + 1))
+        n = int(rng.integers(min(s, self.K), min(s, 2 * self.K) + 1))
         start = int(rng.integers(0, s - n + 1))
         ids = hist + hist[start:start + n]
         return ids, (s + 1, len(ids)), None
@@ -170,7 +170,7 @@ class MCMixture:
         if warmup:
             hi = max(2, min(4, self.cfg.hist_budget() // self.K))
             s = self.K * int(rng.integers(2, hi + 1))
-            kind = "copy" if rng.random() < 0.75 else "passkey"
+            kind = "copy" if rng.random() < 0.85 else "passkey"
             rows = [self._copy_row(s, rng) if kind == "copy" else self._row("passkey", s, rng) for _ in range(B)]
             return self._collate(rows, s)
         m = self.multiples[int(rng.integers(len(self.multiples)))]

@@ -240,3 +240,19 @@ def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
     ref_lm = gpt(x[2:], y[2:])
     assert torch.allclose(loss, (2 * ref_mc + 3 * ref_lm) / 5, atol=1e-6)
     assert metrics["mc/rest_lm_loss"] == pytest.approx(float(ref_lm.detach()), abs=1e-6)
+
+
+def test_copy_warmup_ends_once_the_copy_loss_is_low(mc_base, capsys):
+    """The warm-up takes every micro-batch until the mean loss of its last 10 copy batches is below
+    --mc-warmup-exit; then (share 0 here) only chat batches follow. Exit 100 nats: ends at the 10th copy batch."""
+    from scripts import mid_train
+    args = MID + ["--mc", "--mc-mix-share=0", "--mc-mix-warmup=1", "--mc-warmup-rows-mult=1",
+                  "--mc-mix-batch-size=2", "--mc-mix-multiples=1"]
+    mid_train.main(args + ["--num-iterations=16", "--mc-warmup-exit=100"])
+    out = capsys.readouterr().out
+    done = re.findall(r"copy warm-up done at step (\d+)", out)
+    assert len(done) == 1 and 10 <= int(done[0]) < 16, out[-3000:]
+    with open(os.path.join(mc_base, "report", "midtraining.md")) as f:
+        assert "Copy warm-up ended by: the GPT copying" in f.read()
+    mid_train.main(args + ["--num-iterations=3", "--mc-warmup-exit=0"])  # a loss is never below 0
+    assert "copy warm-up done" not in capsys.readouterr().out
