@@ -52,7 +52,8 @@ def plot_accuracy_vs_multiple(table, path, title="Passkey retrieval", ylabel="ex
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # no method had a number: no legend (and no warning)
+        ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
 
