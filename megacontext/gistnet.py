@@ -133,6 +133,13 @@ class GistLevels:
             raise ValueError("GistLevels needs at least one gist level")
         self.dim = dims[0]
 
+    def with_tokens(self, token_ids):
+        """The same gists over a longer token sequence (the history + raw tokens after it, e.g. a question
+        that only ever sits in the raw tail)."""
+        if not torch.equal(token_ids[:self.num_tokens], self._ids):
+            raise ValueError("with_tokens must extend the reader's own tokens")
+        return GistLevels(token_ids, self._levels)
+
     def count(self, level):
         if level < 0:
             raise ValueError(f"level must be >= 0, got {level}")

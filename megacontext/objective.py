@@ -467,6 +467,16 @@ def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
     return out
 
 
+def question_end(labels, s, cfg):
+    """Where the answer starts in a row (its first labelled target + 1), i.e. the end of the question that
+    follows the history [0, s); s itself when that would put the question outside the raw tail."""
+    lab = torch.nonzero(labels[s:] != -1)
+    if lab.numel() == 0:
+        return s
+    q = s + int(lab[0, 0]) + 1
+    return q if tail_start(q, cfg) <= s else s
+
+
 def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.0, gist_only=0.25):
     """
     One retrieval step on rows whose answer needs raw block blocks[b] of the history x[b, :s] (an int, or
@@ -494,9 +504,13 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
                 wc = needle_variant(s, need, B_h, cfg, rng, extra)
             parts.append(wc_part(wc, readers[b], obj.wte, cfg))
             if s > B_h and lens_weight > 0:
-                for lw, t in lens_curriculum(s, need[0], cfg, rng):
+                # LensNet reads the history AND the question (raw in its tail), as it does at inference,
+                # where the WC covers everything before the answer: a multi-key question names its key
+                q = question_end(y[b], s, cfg)
+                rd = readers[b].with_tokens(x[b, :q]) if q > s else readers[b]
+                for lw, t in lens_curriculum(q, need[0], cfg, rng):
                     lens_wcs.append(lw)
-                    lens_rd.append(readers[b])
+                    lens_rd.append(rd)
                     lens_tg.append(t)
     with timer("lm"):
         packed = pack(parts, x[:, s:], y[:, s:], s, obj.wte, cfg)
@@ -565,7 +579,7 @@ def lens_pair_agreement(objective, x, y, s, rng):
             "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
 
 
-__all__ = ["MCObjective", "needle_loss", "lens_curriculum", "lens_target_loss", "open_blocks", "needle_variant",
+__all__ = ["MCObjective", "needle_loss", "question_end", "lens_curriculum", "lens_target_loss", "open_blocks", "needle_variant",
            "weighted_target_nll", "entry_covering", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "row_nll",
            "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement", "gist_substitutability",
            "lens_pair_agreement", "entry_spans"]

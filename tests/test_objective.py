@@ -273,3 +273,24 @@ def test_needle_loss_trains_every_module_and_learns_a_fixed_needle():
             unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
             assert not unchanged, unchanged
     assert float(m["mc/lens_ce"]) < first  # LensNet (with GistNet) learns where the needle is
+
+
+def test_question_end_and_readers_over_the_question():
+    """LensNet's needle examples cover history + question (the question in the raw tail), as at inference."""
+    from megacontext.gistnet import GistLevels
+    from megacontext.objective import question_end
+    cfg = MCConfig(block_size=8, max_level=2, budget=64, tail_tokens=8)
+    s = 32
+    y = torch.full((50,), -1)
+    assert question_end(y, s, cfg) == s  # no answer: nothing after the history
+    y[s + 4] = 7  # the question is x[s:s+5], the answer starts at s+5
+    assert question_end(y, s, cfg) == s + 5
+    y2 = torch.full((80,), -1)
+    y2[s + 30] = 7  # a "question" of 31 tokens would push gists past the history: keep s
+    assert question_end(y2, s, cfg) == s
+    ids = torch.arange(40)
+    rd = GistLevels(ids[:s], [None, torch.zeros(4, 6)])
+    longer = rd.with_tokens(ids)
+    assert longer.num_tokens == 40 and longer.count(1) == 4
+    with pytest.raises(ValueError, match="extend"):
+        rd.with_tokens(ids.flip(0))
