@@ -15,7 +15,7 @@ DEPTH=${DEPTH:-2}
 SEQ=${SEQ:-256}
 BASE_STEPS=${BASE_STEPS:-300}
 MC=${MC:-1}
-MID_STEPS=${MID_STEPS:-$([ "$MC" = 1 ] && echo 1200 || echo 100)}
+MID_STEPS=${MID_STEPS:-$([ "$MC" = 1 ] && echo 1500 || echo 100)}
 SFT_STEPS=${SFT_STEPS:-40}
 RUN=${WANDB_RUN:-dummy}
 # MegaContext is on by default (MC=0 trains a plain model). A toy budget: 192 working-context slots,
@@ -24,7 +24,8 @@ RUN=${WANDB_RUN:-dummy}
 # an induction head. Pretraining runs the MC objective on 4 rows of every other batch with 4
 # counterfactual expansions per row (near 2x plain training on CPU). Midtraining starts with the copy
 # warm-up (random-token span copies until the GPT copies) and then spends 80 % of its batches on
-# needle tasks (pass keys twice as often as multi-key and key-value recall) at 1-64x the budget. SFT
+# needle tasks (pass keys twice as often as multi-key and key-value recall) and corpus text continued
+# after a gisted history (plain LM through the MC objective) at 1-64x the budget. SFT
 # runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
 # the flag the GistNet/LensNet weights are carried through unchanged (speedrun.sh --mc trains them).
 MC_BASE=() MC_MID=() HEADS=()
@@ -33,7 +34,7 @@ if [ "$MC" = 1 ]; then
   MC_BASE=(--mc --mc-budget 192 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
            --mc-train-plain-lm 0.5 --mc-train-rows 4)
   MC_MID=(--mc --mc-mix-multiples 1,4,16,64 --mc-mix-batch-size 16 --mc-mix-share 0.8 --mc-mix-warmup 0.4
-          --mc-warmup-rows-mult 2 --mc-mix-tasks passkey,passkey,multikey,kv_recall)
+          --mc-warmup-rows-mult 2 --mc-mix-tasks passkey,passkey,multikey,kv_recall,text)
 fi
 step() { echo; echo "=== $* ==="; }
 t0=$(date +%s)
@@ -61,7 +62,7 @@ python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" -
 python -m scripts.chat_eval -i sft -a offline -x 20 -m 48
 step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
-  python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20
+  python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20 --needle-trials 10 --docs 8
 else
   python -m scripts.mc_eval --source sft --quick --baselines-only
 fi

@@ -21,6 +21,7 @@ A Context is read by `greedy_decode` (exact-match tasks) or `continuation_nll` (
 tokens read after a context continue its positions (slot index, or the absolute token index under
 the gaussian scheme, where raw tokens have exact RoPE).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -122,13 +123,16 @@ def wc_context(wc, reader, wte, cfg, scheme):
 
 
 def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte):
-    """LensNet focus, coarse to fine: from the coarsest tiling, expand the best-scored gists (up to
-    max_edits per pass, rescoring in between) until no expansion fits the budget."""
+    """LensNet focus, coarse to fine: from the coarsest tiling, expand the best-scored gist and rescore,
+    one expansion a pass, until none fits the budget. One at a time because LensNet is trained for its
+    top-1 (the needle's covering gist at each level): expanding its top-k at once spends the budget on
+    k - 1 guesses before the chosen level-2 region's children have been scored."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     base = coarsest_wc(num_tokens, cfg)
     room = (budget - wc_cost(base, cfg.block_size)) // (cfg.block_size - 1)
-    passes = math.ceil(room / cfg.max_edits) + 1 if room > 0 else 1
+    passes = room + 1 if room > 0 else 1
+    cfg = dataclasses.replace(cfg, max_edits=1)
 
     @torch.no_grad()
     def score(wc):

@@ -53,6 +53,7 @@ EXACT_TASKS = ("passkey", "needle", "kv_recall")
 TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4, "quality": 5}
 BASELINES = ("truncation", "sinks", "mean_pool")
 QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
+FULL = {"trials": 50, "needle_trials": None, "multiples": "1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9", "docs": 50}
 SECTION = "MegaContext evaluation"
 QUALITY_BATCH = 4  # rows per gist_substitutability call (bounds memory: four history variants per row)
 QUALITY_LEVEL_KEYS = ("history_tokens", "target_tokens", "rows", "nll_raw", "nll_gists", "nll_dropped", "nll_none",
@@ -689,14 +690,15 @@ def main(argv=None):
                    help="a checkpoint without MegaContext weights: run truncation/sinks/mean_pool/full only")
     p.add_argument("--budget", type=int, default=None, help="working-context budget (default: the checkpoint's; 512)")
     p.add_argument("--tail-tokens", type=int, default=None, help="protected raw tail (default: the checkpoint's; 128)")
-    p.add_argument("--trials", type=int, default=50, help="passkey examples per history multiple (default 50)")
+    # the counts below default to None so that --quick lowers only what the user did not pass
+    p.add_argument("--trials", type=int, default=None, help="passkey examples per history multiple (default 50)")
     p.add_argument("--needle-trials", type=int, default=None, help="multi-key / kv-recall examples per multiple "
                                                                    "(default: --trials)")
-    p.add_argument("--multiples", default="1,4,16,64,256", help="histories as multiples of the budget")
-    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey needle depths (fractions)")
+    p.add_argument("--multiples", default=None, help="histories as multiples of the budget (default 1,4,16,64,256)")
+    p.add_argument("--depths", default=None, help="passkey needle depths (fractions; default 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--tasks", default="passkey,needle,kv_recall,long_doc,quality")
-    p.add_argument("--docs", type=int, default=50, help="long-document stretches (default 50)")
+    p.add_argument("--docs", type=int, default=None, help="long-document stretches (default 50)")
     p.add_argument("--doc-tokens", type=int, default=None, help="tokens per long-document stretch, history + "
                                                                 "target (default: the GPT's sequence_len)")
     p.add_argument("--doc-target", type=int, default=64, help="scored tokens at the end of each stretch")
@@ -705,10 +707,9 @@ def main(argv=None):
     p.add_argument("--no-report", action="store_true", help="do not write the report section")
     p.add_argument("--device", default=None, help="cuda / mps / cpu (default: autodetect)")
     args = p.parse_args(argv)
-    if args.quick:  # quick only lowers what the user left at its default
-        for k, v in QUICK.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    for k, v in (QUICK if args.quick else FULL).items():  # quick lowers only what the user did not pass
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if (args.source is None) == (not args.random_init):
         raise UserError("pass exactly one of --source {base,mid,sft} or --random-init")
     multiples = sorted(set(parse_list(args.multiples, int, "multiples")))

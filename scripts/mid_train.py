@@ -86,7 +86,7 @@ def get_args(argv=None):
     p.add_argument("--mc-mix-warmup", type=float, default=0.2,
                    help="--mc: share of the run (first) that is the copy warm-up (all its micro-batches)")
     p.add_argument("--mc-mix-multiples", default="1,4,16,64", help="--mc: history lengths as multiples of the budget")
-    p.add_argument("--mc-mix-tasks", default="passkey,multikey,kv_recall,longchat", help="--mc: long-context tasks")
+    p.add_argument("--mc-mix-tasks", default="passkey,multikey,kv_recall,longchat,text", help="--mc: long-context tasks")
     p.add_argument("--mc-mix-batch-size", type=int, default=4, help="--mc: rows per long-context micro-batch")
     p.add_argument("--mc-warmup-exit", type=float, default=0.5,
                    help="--mc: the warm-up ends early once its copy rows' loss (mean of the last 10 copy micro-batches) "

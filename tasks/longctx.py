@@ -3,8 +3,9 @@ Synthetic long-context tasks (DESIGN.md sections 8 and 10): facts hidden in natu
 asked about at the end. Every generator takes filler text, a tokenizer (anything with
 `encode(text) -> list[int]`) and a numpy Generator, and returns a `LongCtxExample`:
 
-    ids           the token ids: [filler with needles ... | question | answer]
-    answer_span   (a, b): ids[a:b] are the answer tokens (the exact-match target)
+    ids           the token ids: [filler with needles ... | question | answer | "."]
+    answer_span   (a, b): ids[a:b] are the answer tokens and the "." that ends them, as in the needle
+                  (a model trained on the span learns to stop the number: scoring rejects extra digits)
     question_start  where the question begins (history = ids[:question_start])
     needle_spans  token spans of the needles; needle_spans[0] holds the asked one
     decoy_spans   token spans of near-miss decoys (multi-key needle)
@@ -33,6 +34,7 @@ PASSKEY_QUESTIONS = [
     "\nQuestion: what was the pass key mentioned above? The pass key is",
     "\nRecall the secret number. The pass key is",
 ]
+ANSWER_END = "."  # ends every answer, as the needles end their keys
 COLOURS = ["red", "blue", "green", "gold", "gray", "pink", "teal", "navy", "lime", "rose"]
 MULTI_NEEDLES = [" The {c} key is {key}. ", " Note: the {c} key is {key}. "]
 MULTI_DECOYS = [" The {c} code is {key}. ", " A {c} lock was {key}. ", " The {c} door is {key}. "]
@@ -96,7 +98,7 @@ def _assemble(filler, tokenizer, rng, n_tokens, inserts, question, answer, depth
     q = len(ids)
     ids += list(tokenizer.encode(question))
     a = len(ids)
-    ids += list(tokenizer.encode(answer))
+    ids += list(tokenizer.encode(answer)) + list(tokenizer.encode(ANSWER_END))
     return ids, spans, q, (a, len(ids))
 
 

@@ -14,9 +14,9 @@ digits), or is None where no single place holds it (chats, copy rows): the needl
     b = mix.batch(B, rng)                 # a long-context batch, history = m x budget (fewer rows if m > 4)
     b = mix.batch(B, rng, warmup=True)    # the copy warm-up: histories that fit the budget raw
 
-Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py)
-and longchat (tasks/memory.py conversations with many filler turns; the question is the last user
-turn). The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
+Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py),
+longchat (tasks/memory.py conversations with many filler turns; the question is the last user
+turn) and text (corpus text continued after the history: plain LM through the MC objective). The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
 every repeated token labelled) and short pass keys. Answer-only rows carry ~5 labelled tokens each,
 too little signal for a small GPT to form its copying (induction) heads; 64 labelled copy tokens a row
 do it in ~200 steps (dev/LOG.md, 2026-11-22).
@@ -27,7 +27,8 @@ import torch
 
 from tasks.longctx import _key_span, kv_recall, multikey, passkey
 
-TASKS = ("passkey", "multikey", "kv_recall", "longchat")
+TASKS = ("passkey", "multikey", "kv_recall", "longchat", "text")
+TEXT_TARGET = 64  # "text" rows: labelled continuation tokens after the history
 
 
 @dataclass
@@ -99,6 +100,8 @@ class MCMixture:
     def _row(self, task, s, rng):
         if task == "longchat":
             return self._chat_row(s, rng)
+        if task == "text":
+            return self._text_row(s, rng)
         # several needles may not fit a short history (small vocabularies spend many tokens on
         # them): retry with fewer, then fall back to one pass key
         tries = {"passkey": [lambda: passkey(self.filler, self.tok, rng, s, key_in_block=self.K)],
@@ -141,6 +144,14 @@ class MCMixture:
         a = next(i for i in range(s, len(ids)) if mask[i])
         return ids, (a, len(ids)), None
 
+    def _text_row(self, s, rng):
+        """Plain language modelling across the history: s tokens of corpus text, then the next TEXT_TARGET
+        tokens labelled. The MC objective reads the history as WC variants (and LensNet learns from their
+        counterfactuals), and text keeps being modelled: midtraining on synthetic tasks alone drove the
+        runcpu model's NLL on held-out prose to 17.8 nats (dev/LOG.md)."""
+        ids = self._filler(rng, s + TEXT_TARGET)
+        return ids, (s + 1, len(ids)), None
+
     def _copy_row(self, s, rng):
         """An induction row: s random tokens (ordinary, non-special ids), then a span of K..2K of them
         repeated; the target is the repeat (labels from its second token: the first is unpredictable)."""
@@ -179,6 +190,8 @@ class MCMixture:
         # fewer rows for long histories (B up to 4x the budget, then B * 4 / m, at least 2): GistNet runs
         # with gradient over every history token, and the GPT's copying learns as much from short ones
         B = min(B, max(2, int(B * 4 // max(m, 4))))
+        if task in ("text", "longchat"):  # the full objective (variants + counterfactuals) costs ~4x a row
+            B = max(2, B // 4)
         return self._collate([self._row(task, s, rng) for _ in range(B)], s)
 
 

@@ -25,7 +25,7 @@ def test_passkey_answer_span_and_needle():
     for seed in range(5):
         ex = passkey(FILLER, tok, np.random.default_rng(seed), n_tokens=600)
         a, b = ex.answer_span
-        assert b == len(ex.ids) and tok.decode(ex.ids[a:b]) == ex.answer
+        assert b == len(ex.ids) and tok.decode(ex.ids[a:b]) == ex.answer + "."
         key = ex.answer.strip()
         assert re.fullmatch(r"\d{5}", key)
         n0, n1 = ex.needle_spans[0]
@@ -76,7 +76,7 @@ def test_kv_recall_and_real_tokenizer(tiny_base_env):
     tok = get_tokenizer()
     ex = kv_recall(FILLER, tok, np.random.default_rng(3), 400, n_pairs=5)
     a, b = ex.answer_span
-    assert tok.decode(ex.ids[a:b]) == ex.answer
+    assert tok.decode(ex.ids[a:b]) == ex.answer + "."
     q = tok.decode(ex.ids[ex.question_start:a])
     name = q.split("record.")[1].split("->")[0].strip()
     first = tok.decode(ex.ids[ex.needle_spans[0][0]:ex.needle_spans[0][1]])
