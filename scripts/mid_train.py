@@ -276,13 +276,14 @@ def _train(args, ddp, rank, world_size, device):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         warm_frac = step / num_iterations if num_iterations > 0 else progress
-        copy_sum, copy_n = torch.zeros((), device=device), 0
+        copy_stats = torch.zeros(2, device=device)  # (sum of copy-batch losses, number of copy batches)
+        step_warm = mc_trainer is not None and not warm_done and warm_frac < args.mc_mix_warmup
         for micro in range(grad_accum_steps):
             if mc_trainer is not None:
                 # the kind of micro-batch is drawn without the rank: every rank does the same work
                 # the copy warm-up takes every micro-batch: induction (copying) heads form in ~200 steps
                 # of pure copy rows and not at all when chat batches dilute them (dev/LOG.md)
-                warm = not warm_done and warm_frac < args.mc_mix_warmup
+                warm = step_warm
                 if warm or np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
                     b = mix.batch(args.mc_mix_batch_size * (args.mc_warmup_rows_mult if warm else 1),
                                   mc_trainer.rng(step, 1000 + micro), warmup=warm)
@@ -294,7 +295,7 @@ def _train(args, ddp, rank, world_size, device):
                         else:
                             loss, extra_logs = mc_trainer.loss(b.x, b.y, step, micro, s=b.s)
                     if warm and all(k is None for k in b.blocks):  # a copy batch: the warm-up's exit test
-                        copy_sum, copy_n = copy_sum + loss.detach(), copy_n + 1
+                        copy_stats += torch.stack([loss.detach().float(), torch.ones((), device=device)])
                 else:
                     x, y, progress = next(train_loader)
                     with autocast:
@@ -322,9 +323,11 @@ def _train(args, ddp, rank, world_size, device):
         for m in [orig_model, *extra_modules.values()]:
             m.zero_grad(set_to_none=True)
         train_loss_value = all_reduce_mean(loss_sum / grad_accum_steps).item()
-        if copy_n:  # every rank drew the same kinds of micro-batch, so all ranks take this branch
-            copy_losses.append(all_reduce_mean(copy_sum / copy_n).item())
+        if step_warm:  # the same on every rank (it depends on the step and all-reduced losses only)
+            total, n = all_reduce_mean(copy_stats).tolist()  # ranks draw their own batch kinds: average the sums
             warmup_steps = step + 1
+            if n > 0:
+                copy_losses.append(total / n)
             if len(copy_losses) == copy_losses.maxlen and sum(copy_losses) / len(copy_losses) < args.mc_warmup_exit:
                 warm_done = True
                 print0(f"copy warm-up done at step {step + 1}: copy-row loss {sum(copy_losses) / len(copy_losses):.3f}")
