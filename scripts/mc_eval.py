@@ -48,6 +48,8 @@ import torch
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
 from megacontext.baselines import (MC_METHODS, METHODS, answer_matches, build_contexts, continuation_nll,
                                    greedy_decode, span_is_raw)
+from megacontext.quality import (doc_windows, quality_lines, quality_markdown, quality_plan, quality_problems,
+                                 run_quality)
 
 EXACT_TASKS = ("passkey", "needle", "kv_recall")
 TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4, "quality": 5}
@@ -55,10 +57,6 @@ BASELINES = ("truncation", "sinks", "mean_pool")
 QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
 FULL = {"trials": 50, "needle_trials": None, "multiples": "1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9", "docs": 50}
 SECTION = "MegaContext evaluation"
-QUALITY_BATCH = 4  # rows per gist_substitutability call (bounds memory: four history variants per row)
-QUALITY_LEVEL_KEYS = ("history_tokens", "target_tokens", "rows", "nll_raw", "nll_gists", "nll_dropped", "nll_none",
-                      "substitutability")
-QUALITY_LENS_KEYS = ("history_tokens", "rows", "agreement", "top1", "delta_nll")
 
 
 # -----------------------------------------------------------------------------
@@ -232,20 +230,6 @@ def run_exact_task(task, models, methods, budget, multiples, trials, depths, fil
     return acc, slots, hits, by_depth, skipped
 
 
-def doc_windows(texts, tok, doc_tokens, n_docs):
-    """n_docs non-overlapping stretches of doc_tokens tokens of contiguous validation text (evenly spaced)."""
-    ids = []
-    for t in texts:  # encode only as much text as the windows need
-        ids += tok.encode(t + "\n\n")
-        if len(ids) >= 4 * doc_tokens * n_docs:
-            break
-    n = min(n_docs, len(ids) // doc_tokens)
-    if n == 0:
-        return []
-    stride = len(ids) // n
-    return [ids[i * stride:i * stride + doc_tokens] for i in range(n)]
-
-
 @torch.no_grad()
 def run_long_doc(models, methods, budget, texts, doc_tokens, target, n_docs, progress=True):
     """Mean NLL (nats/token) of each window's last `target` tokens given the rest, per method; gap closed."""
@@ -283,148 +267,6 @@ def gaps_closed(nll):
 
 # -----------------------------------------------------------------------------
 # quality: gist substitutability per level and LensNet pair agreement (the training-proof figures)
-
-def lens_candidates(s, cfg):
-    """Gists in the base WC that MCObjective.counterfactuals(base="pyramid") builds for a history of s
-    tokens: a recency pyramid under B_h - (K - 1) (one more expansion fits B_h), or the cheapest legal WC."""
-    from megacontext.working_context import min_cost, recency_pyramid
-    bud = max(cfg.hist_budget() - (cfg.block_size - 1), min_cost(s, cfg))
-    return int((recency_pyramid(s, bud, cfg).levels >= 1).sum())
-
-
-def quality_plan(cfg, seq_len, target):
-    """
-    History lengths of the quality figures, ({"level_1", "level_2", "lens": s or None}, {entry: reason}):
-    level 1: the longest block-aligned history whose raw reference [history ; target] fits the GPT's
-      trained context, with at least one level-1 gist before the raw tail (s >= tail + K);
-    level 2: the shortest history holding one level-2 gist (K^2 + tail, block-aligned); its raw
-      reference may exceed sequence_len (the result says so: raw_fits_context);
-    lens: counterfactuals expand single gists of the base WC (`lens_candidates`); LensNet needs two of
-      them to order a pair. The level-1 history when its base has two gists, else the shortest of 2, 4,
-      8, 16 x B_h (block-aligned) whose base does: the GPT reads only the WC (<= B_h slots) + the target,
-      so a history beyond sequence_len is fine here (the agreement needs no raw reference).
-    """
-    K, tail = cfg.block_size, cfg.tail_tokens
-    hist, reasons = {}, {}
-    s1 = K * ((seq_len - target) // K)
-    hist["level_1"] = s1 if s1 >= tail + K else None
-    if hist["level_1"] is None:
-        reasons["level_1"] = (f"sequence_len {seq_len} cannot hold a raw tail of {tail} + one {K}-token block + "
-                              f"a {target}-token target")
-    hist["level_2"] = K * -(-(K * K + tail) // K) if cfg.max_level >= 2 else None
-    if hist["level_2"] is None:
-        reasons["level_2"] = "max_level 1: there are no level-2 gists"
-    cands = ([s1] if hist["level_1"] else []) + [K * -(-(f * cfg.hist_budget()) // K) for f in (2, 4, 8, 16)]
-    hist["lens"] = next((s for s in cands if lens_candidates(s, cfg) >= 2), None)
-    if hist["lens"] is None:
-        reasons["lens"] = f"no history up to {cands[-1]} tokens gives two counterfactual candidates"
-    return hist, reasons
-
-
-def token_batches(windows, device, batch):
-    """(x, y) batches of next-token pairs: a window of n + 1 tokens gives x = its first n, y = its last n."""
-    for i in range(0, len(windows), batch):
-        w = torch.tensor(windows[i:i + batch], dtype=torch.long, device=device)
-        yield w[:, :-1], w[:, 1:]
-
-
-@torch.no_grad()
-def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progress=True):
-    """
-    The quality figures on n_docs windows of validation text (cut like long_doc's), each scored on its
-    last `target` tokens: per level, `gist_substitutability` (NLLs with the history raw / as gists /
-    dropped to the raw tail / absent) in batches of `batch` rows, and LensNet's pair agreement
-    (`lens_pair_agreement`) row by row. {"level_1", "level_2", "lens", "reasons"}; see the module docstring.
-    """
-    from tqdm import tqdm
-    from megacontext.objective import MCObjective, gist_substitutability, lens_pair_agreement
-    from nanochat.common import autocast_ctx
-    gpt, gistnet, lensnet, tok, cfg = models
-    seq_len = gpt.config.sequence_len
-    out = {"level_1": None, "level_2": None, "lens": None}
-    if gistnet is None:
-        return dict(out, reasons={k: "needs GistNet and LensNet weights (this checkpoint has none)" for k in out})
-    hist, reasons = quality_plan(cfg, seq_len, target)
-    device = gpt.get_device()
-    windows = {}
-
-    def cut(key, s):  # windows of history + target + the last label
-        if s not in windows:
-            windows[s] = doc_windows(texts, tok, s + target + 1, n_docs)
-        if not windows[s]:
-            reasons[key] = f"the validation text holds no stretch of {s + target + 1} tokens"
-        return windows[s]
-
-    with autocast_ctx(device.type):
-        for level in (1, 2):
-            key, s = f"level_{level}", hist[f"level_{level}"]
-            ws = cut(key, s) if s is not None else []
-            if not ws:
-                continue
-            sums = dict.fromkeys(("raw", "gists", "dropped", "none"), 0.0)
-            for x, y in tqdm(list(token_batches(ws, device, batch)), desc=f"quality L{level}", disable=not progress,
-                             leave=False):
-                r = gist_substitutability(gpt, gistnet, x, y, s, cfg, level)
-                for k in sums:  # every row scores `target` tokens: the row-weighted mean is the token mean
-                    sums[k] += r[f"nll_{k}"] * x.size(0)
-            nll = {k: round(v / len(ws), 6) for k, v in sums.items()}
-            gap = nll["dropped"] - nll["raw"]
-            out[key] = {"history_tokens": s, "target_tokens": target, "rows": len(ws),
-                        **{f"nll_{k}": v for k, v in nll.items()},
-                        # like gaps_closed: undefined unless the raw history beats the raw tail alone
-                        "substitutability": round((nll["dropped"] - nll["gists"]) / gap, 4) if gap > 1e-6 else None,
-                        "lm_guard": bool(nll["gists"] < nll["none"]), "raw_fits_context": s + target <= seq_len}
-            if out[key]["substitutability"] is None:
-                reasons[key] = ("the raw history does not lower the target NLL below the raw tail's (NLL raw >= "
-                               "dropped): substitutability is undefined")
-        key, s = "lens", hist["lens"]
-        ws = cut(key, s) if s is not None and lensnet is not None else []
-        if lensnet is None:
-            reasons[key] = "needs LensNet weights"
-        if ws:
-            # every gist of the base WC is a candidate (lens_cands = 0): the checkpoint's lens_cands
-            # subsamples them for training speed, the evaluation scores them all
-            objective = MCObjective(gpt, gistnet, lensnet, dataclasses.replace(cfg, lens_cands=0))
-            rng = np.random.default_rng([seed, TASK_IDS["quality"]])
-            rows = []  # row by row: the agreement is the mean over rows of each row's pair agreement
-            for x, y in tqdm(list(token_batches(ws, device, 1)), desc="quality lens", disable=not progress,
-                             leave=False):
-                rows.append(lens_pair_agreement(objective, x, y, s, rng))
-
-            # a row whose deltas all tie (the context does not matter) has no best expansion: only rows
-            # with a pair to order count, for top-1 too
-            rows = [r for r in rows if math.isfinite(r["agreement"])]
-
-            def avg(k):
-                v = [r[k] for r in rows if math.isfinite(r[k])]
-                return round(sum(v) / len(v), 4) if v else None
-
-            out[key] = {"history_tokens": s, "rows": len(rows), "agreement": avg("agreement"), "top1": avg("top1"),
-                        "delta_nll": avg("delta_nll")}
-            if out[key]["agreement"] is None:
-                reasons[key] = "no row has two candidates with different counterfactual delta_nll"
-    return dict(out, reasons=reasons)
-
-
-def quality_lines(q):
-    """One printed line per quality entry."""
-    def f(v, fmt=".4f"):
-        return "-" if v is None else format(v, fmt)
-    lines = []
-    for level in (1, 2):
-        r = q.get(f"level_{level}")
-        if r is None:
-            lines.append(f"quality   L{level}: null ({q['reasons'].get(f'level_{level}', '')})")
-            continue
-        lines.append(f"quality   L{level} s={r['history_tokens']} rows={r['rows']}: NLL raw {f(r['nll_raw'])} gists "
-                     f"{f(r['nll_gists'])} dropped {f(r['nll_dropped'])} none {f(r['nll_none'])}  substitutability "
-                     f"{f(r['substitutability'], '.3f')}  lm_guard {r['lm_guard']}"
-                     + ("" if r["raw_fits_context"] else "  (raw reference beyond sequence_len)"))
-    r = q.get("lens")
-    lines.append(f"quality   lens: null ({q['reasons'].get('lens', '')})" if r is None else
-                 f"quality   lens s={r['history_tokens']} rows={r['rows']}: pair agreement {f(r['agreement'], '.3f')} "
-                 f"top1 {f(r['top1'], '.3f')} best delta_nll {f(r['delta_nll'])} nats/row")
-    return lines
 
 
 def position_verdict(res):
@@ -483,38 +325,6 @@ def validate_result(res):
     if problems:
         raise ValueError("mc_eval JSON does not match its documented shape: " + "; ".join(problems))
     return True
-
-
-def quality_problems(q, number_or_null):
-    """What breaks the documented shape of the "quality" object (see the module docstring)."""
-    if not isinstance(q, dict):
-        return ["'quality' must be an object"]
-    out = []
-    for name, keys, flags in (("level_1", QUALITY_LEVEL_KEYS, ("lm_guard", "raw_fits_context")),
-                              ("level_2", QUALITY_LEVEL_KEYS, ("lm_guard", "raw_fits_context")),
-                              ("lens", QUALITY_LENS_KEYS, ())):
-        if name not in q:
-            out.append(f"quality needs {name!r} (an object or null)")
-            continue
-        r = q[name]
-        if r is None:
-            continue
-        if not isinstance(r, dict):
-            out.append(f"quality[{name}] must be an object or null")
-            continue
-        for k in keys:
-            if k not in r or not number_or_null(r[k]):
-                out.append(f"quality[{name}][{k}] = {r.get(k)!r} is not a number or null")
-        for k in flags:
-            if not (r.get(k) is None or isinstance(r.get(k), bool)):
-                out.append(f"quality[{name}][{k}] = {r.get(k)!r} is not a bool or null")
-        for k in ("agreement", "top1"):
-            if k in keys and r.get(k) is not None and number_or_null(r[k]) and not 0 <= r[k] <= 1:
-                out.append(f"quality[{name}][{k}] = {r[k]!r} is not in [0, 1]")
-    reasons = q.get("reasons", {})
-    if not isinstance(reasons, dict) or not all(isinstance(v, str) for v in reasons.values()):
-        out.append("quality['reasons'] must map entries to strings")
-    return out
 
 
 def _pct(v):
@@ -595,44 +405,6 @@ def report_markdown(res, images):
     parts.append("### Where MegaContext loses\n\n" + ("\n".join(f"- {x}" for x in lost) if lost else
                  "No cell where full MegaContext is below the best budgeted baseline."))
     return "\n\n".join(parts) + "\n"
-
-
-def quality_markdown(q, c):
-    """The quality table (one row per gist level) and the LensNet line."""
-    def f(v):
-        return "-" if v is None else f"{v:.4f}"
-    reasons = q.get("reasons", {})
-    rows = ["| level | history tokens | NLL raw | NLL gists | NLL dropped (raw tail only) | NLL none | "
-            "substitutability (target >= 0.5) | LM guard (gists < none) |", "|---" * 8 + "|"]
-    notes = []
-    for level in (1, 2):
-        r = q.get(f"level_{level}")
-        if r is None:
-            rows.append(f"| {level} | - | - | - | - | - | - | - |")
-            notes.append(f"level {level}: not measured ({reasons.get(f'level_{level}', 'no reason given')})")
-            continue
-        star = "" if r["raw_fits_context"] else "*"
-        sub = "-" if r["substitutability"] is None else f"{r['substitutability']:.3f}"
-        guard = "-" if r["lm_guard"] is None else ("pass" if r["lm_guard"] else "FAIL")
-        rows.append(f"| {level} | {r['history_tokens']} | {f(r['nll_raw'])}{star} | {f(r['nll_gists'])} | "
-                    f"{f(r['nll_dropped'])} | {f(r['nll_none'])} | {sub} | {guard} |")
-        if r["substitutability"] is None and f"level_{level}" in reasons:
-            notes.append(f"level {level}: {reasons[f'level_{level}']}")
-        if star:
-            notes.append(f"*level {level}: the raw reference ({r['history_tokens'] + r['target_tokens']} tokens) "
-                         f"exceeds the GPT's sequence length ({c['sequence_len']})")
-    lens = q.get("lens")
-    if lens is None:
-        line = f"LensNet pair agreement: not measured ({reasons.get('lens', 'no reason given')})."
-    else:
-        ag = "-" if lens["agreement"] is None else f"{lens['agreement']:.3f}"
-        t1 = "-" if lens["top1"] is None else f"{lens['top1']:.3f}"
-        line = (f"LensNet pair agreement with counterfactual delta_nll: **{ag}** (target >= 0.75, random 0.5); "
-                f"top-1 {t1} ({lens['rows']} rows, {lens['history_tokens']}-token histories)"
-                + (f"; {reasons['lens']}." if lens["agreement"] is None and "lens" in reasons else "."))
-    n = max([r["rows"] for r in (q.get("level_1"), q.get("level_2")) if r] or [0])
-    return (f"### Gist quality and LensNet agreement (last {c['doc_target']} tokens of {n} stretches of validation "
-            f"text)\n\n" + "\n".join(rows) + "\n" + "".join(f"\n{x}\n" for x in notes) + "\n" + line)
 
 
 def headline(res):

@@ -335,7 +335,7 @@ def test_mc_bench_report_section(tmp_path, monkeypatch):
 # quality: gist substitutability per level, LensNet pair agreement
 
 def test_quality_plan_histories():
-    from scripts.mc_eval import lens_candidates, quality_plan
+    from megacontext.quality import lens_candidates, quality_plan
     cfg = MCConfig(budget=128, tail_tokens=32)
     hist, why = quality_plan(cfg, 256, 64)
     assert hist == {"level_1": 192, "level_2": 32 * 32 + 32, "lens": 192} and why == {}
