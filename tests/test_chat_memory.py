@@ -19,6 +19,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
 from scripts.chat_cli import MemoryChat, interactive
 from scripts.chat_web import Limits, create_app
+from test_runtime import text_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = 48
@@ -60,16 +61,6 @@ def memory_chat(tok, nets, memory_dir=None):
     return MemoryChat(MCSession(*nets, tok, tiny_cfg(), memory_dir=memory_dir, device="cpu"))
 
 
-def long_text(tok, docs, tokens):
-    out, n = [], 0
-    for d in docs:
-        out.append(d)
-        n += len(tok.encode(d))
-        if n >= tokens:
-            return "\n".join(out)
-    raise AssertionError("not enough text")
-
-
 def reference(tok, nets, turns, max_tokens, memory_dir=None):
     """The greedy replies of a fresh MemoryChat to a list of user messages (one request per message)."""
     chat = memory_chat(tok, nets, memory_dir)
@@ -96,7 +87,7 @@ def test_cli_answers_a_prompt_20x_the_budget(tiny_base_env, tiny_docs):
     tok = get_tokenizer()
     nets = tiny_nets(tok)
     write_mc_checkpoint(tiny_base_env, nets)
-    prompt = long_text(tok, tiny_docs, 20 * BUDGET)
+    prompt = text_of(20 * BUDGET, tok, tiny_docs)
     assert len(tok.encode(prompt)) >= 20 * BUDGET
     out = run_cli(tiny_base_env, "-p", prompt, "--max-tokens", "8")
     assert out.returncode == 0, out.stderr
@@ -111,7 +102,7 @@ def test_cli_memory_persists_across_processes(tiny_base_env, tiny_docs, tmp_path
     write_mc_checkpoint(tiny_base_env, nets)
     mem = str(tmp_path / "mem")
     doc = tmp_path / "doc.txt"
-    doc.write_text(long_text(tok, tiny_docs, 4 * BUDGET))
+    doc.write_text(text_of(4 * BUDGET, tok, tiny_docs))
     # process 1: a document far past the budget and a question, into a new memory
     first = run_cli(tiny_base_env, "--memory", mem, "--ingest", str(doc), "-p", "What is the key?", "--max-tokens", "6")
     assert first.returncode == 0, first.stderr
@@ -161,7 +152,7 @@ def test_interactive_ingest_and_stats(tiny_base_env, tiny_docs, tmp_path):
     tok = get_tokenizer()
     nets = tiny_nets(tok)
     chat = memory_chat(tok, nets)
-    text = long_text(tok, tiny_docs, 3 * BUDGET)
+    text = text_of(3 * BUDGET, tok, tiny_docs)
     doc = tmp_path / "notes.txt"
     doc.write_text(text)
     empty = tmp_path / "empty.txt"
@@ -225,7 +216,7 @@ LIMITS = Limits(max_message_chars=20000)
 def test_web_long_prompt_and_memory_across_app_instances(tiny_base_env, tiny_docs, tmp_path):
     tok = get_tokenizer()
     root = str(tmp_path / "chat_memory")
-    prompt = long_text(tok, tiny_docs, 20 * BUDGET)
+    prompt = text_of(20 * BUDGET, tok, tiny_docs)
     app = create_app(chat=memory_chat(tok, tiny_nets(tok)), limits=LIMITS, memory_root=root)
     client = TestClient(app)
     assert client.get("/health").json()["memory"] is True

@@ -61,13 +61,14 @@ def make_session(tok, cfg=None, seed=0, memory_dir=None):
 
 
 def text_of(tokens, tok, docs):
+    """At least `tokens` tokens of the docs, joined (an error when they hold fewer: the test would be void)."""
     out, n = [], 0
     for d in docs:
         out.append(d)
         n += len(tok.encode(d))
         if n >= tokens:
-            break
-    return "\n".join(out)
+            return "\n".join(out)
+    raise AssertionError(f"the test docs hold {n} tokens, fewer than {tokens}")
 
 
 @pytest.mark.parametrize("positions", ["slot", "gaussian"])
