@@ -100,6 +100,21 @@ def resolve_mc_config(args, src_meta=None):
         raise UserError(str(e)) from None
 
 
+def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0):
+    """
+    --mc in a stage that starts from a checkpoint (midtraining, SFT): the MCConfig (the source's, with
+    the overridable --mc-* flags), GistNet + LensNet loaded from `passthrough` (a one-line UserError
+    naming `where` if the source has none), the other passthrough nets, and the MCTrainer.
+    Returns (cfg, nets, passthrough_without_mc_nets, trainer).
+    """
+    if missing_mc(passthrough, meta):
+        load_mc_modules(gpt, passthrough, meta, where)  # raises the one-line UserError
+    cfg = resolve_mc_config(args, meta)
+    nets = load_mc_modules(gpt, passthrough, meta, where, cfg=cfg, device=device)
+    rest = {k: v for k, v in passthrough.items() if k not in MC_NETS}
+    return cfg, nets, rest, MCTrainer(gpt, nets, cfg, seed=args.seed, rank=rank)
+
+
 class MCTrainer:
     """
     The training loss of the --mc path: MCObjective over GPT + GistNet + LensNet, with a numpy rng

@@ -179,14 +179,10 @@ def _train(args, ddp, rank, world_size, device):
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
     mc_cfg, mc_trainer = None, None
     if args.mc:
-        from megacontext.checkpoint import MC_NETS, MCTrainer, load_mc_modules, missing_mc, resolve_mc_config
+        from megacontext.checkpoint import mc_from_source
         where = f"the {args.source} checkpoint {src_dir} (step {src_meta.get('step')})"
-        if missing_mc(passthrough, src_meta):
-            load_mc_modules(orig_model, passthrough, src_meta, where)  # raises the one-line UserError
-        mc_cfg = resolve_mc_config(args, src_meta)
-        extra_modules = load_mc_modules(orig_model, passthrough, src_meta, where, cfg=mc_cfg, device=device)
-        passthrough = {k: v for k, v in passthrough.items() if k not in MC_NETS}
-        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
+        mc_cfg, extra_modules, passthrough, mc_trainer = mc_from_source(args, orig_model, passthrough, src_meta,
+                                                                        where, device, rank)
         print0(f"MegaContext: carried GistNet + LensNet from the {args.source} checkpoint | {mc_cfg}")
     # no torch.compile: every micro-batch has its own length (compiling each shape costs more than it saves)
     model = orig_model

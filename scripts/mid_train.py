@@ -188,15 +188,11 @@ def _train(args, ddp, rank, world_size, device):
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
     mc_cfg, mc_trainer, mix = None, None, None
     if args.mc:
-        from megacontext.checkpoint import MC_NETS, MCTrainer, load_mc_modules, missing_mc, resolve_mc_config
+        from megacontext.checkpoint import mc_from_source
         from tasks.mc_mixture import MCMixture, load_filler, parse_list
         where = f"the base checkpoint {base_dir} (step {base_meta.get('step')})"
-        if missing_mc(passthrough, base_meta):
-            load_mc_modules(orig_model, passthrough, base_meta, where)  # raises the one-line UserError
-        mc_cfg = resolve_mc_config(args, base_meta)
-        extra_modules = load_mc_modules(orig_model, passthrough, base_meta, where, cfg=mc_cfg, device=device)
-        passthrough = {k: v for k, v in passthrough.items() if k not in MC_NETS}
-        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
+        mc_cfg, extra_modules, passthrough, mc_trainer = mc_from_source(args, orig_model, passthrough, base_meta,
+                                                                        where, device, rank)
         if (not 0 <= args.mc_mix_share <= 1 or not 0 <= args.mc_mix_warmup <= 1
                 or min(args.mc_mix_batch_size, args.mc_warmup_rows_mult) < 1):
             raise UserError("--mc-mix-share and --mc-mix-warmup must be in [0, 1], --mc-mix-batch-size and "
@@ -280,13 +276,12 @@ def _train(args, ddp, rank, world_size, device):
         step_warm = mc_trainer is not None and not warm_done and warm_frac < args.mc_mix_warmup
         for micro in range(grad_accum_steps):
             if mc_trainer is not None:
-                # the kind of micro-batch is drawn without the rank: every rank does the same work
-                # the copy warm-up takes every micro-batch: induction (copying) heads form in ~200 steps
-                # of pure copy rows and not at all when chat batches dilute them (dev/LOG.md)
-                warm = step_warm
-                if warm or np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
-                    b = mix.batch(args.mc_mix_batch_size * (args.mc_warmup_rows_mult if warm else 1),
-                                  mc_trainer.rng(step, 1000 + micro), warmup=warm)
+                # chat or long-context is drawn without the rank (every rank takes the same branch); the
+                # rows and their task are drawn per rank. The copy warm-up takes every micro-batch: copying
+                # heads form in ~300 steps of pure copy rows and not at all when chat batches dilute them
+                if step_warm or np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
+                    b = mix.batch(args.mc_mix_batch_size * (args.mc_warmup_rows_mult if step_warm else 1),
+                                  mc_trainer.rng(step, 1000 + micro), warmup=step_warm)
                     b.x, b.y = b.x.to(device), b.y.to(device)
                     mc_rows += b.x.size(0)
                     with autocast:
@@ -294,7 +289,7 @@ def _train(args, ddp, rank, world_size, device):
                             loss, extra_logs = mc_trainer.needle(b, step, micro)
                         else:
                             loss, extra_logs = mc_trainer.loss(b.x, b.y, step, micro, s=b.s)
-                    if warm and all(k is None for k in b.blocks):  # a copy batch: the warm-up's exit test
+                    if step_warm and all(k is None for k in b.blocks):  # a copy batch: the warm-up's exit test
                         copy_stats += torch.stack([loss.detach().float(), torch.ones((), device=device)])
                 else:
                     x, y, progress = next(train_loader)

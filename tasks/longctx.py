@@ -102,7 +102,7 @@ def _assemble(filler, tokenizer, rng, n_tokens, inserts, question, answer, depth
     return ids, spans, q, (a, len(ids))
 
 
-def _key_span(ids, span, key_ids):
+def key_span(ids, span, key_ids):
     """The token span of key_ids inside ids[span] (the last occurrence: the key ends the sentence's clause)."""
     a, b = span
     n = len(key_ids)
@@ -126,7 +126,7 @@ def passkey(filler, tokenizer, rng, n_tokens, depth=None, key=None, key_in_block
     for _ in range(1000):
         ids, spans, q, ans = _assemble(filler, tokenizer, rng, n_tokens, [needle], question, " " + key,
                                        None if depth is None else [depth])
-        ks = _key_span(ids, spans[0], key_ids)
+        ks = key_span(ids, spans[0], key_ids)
         if not key_in_block or ks[0] // key_in_block == (ks[1] - 1) // key_in_block:
             return LongCtxExample(ids, ans, q, " " + key, needle_spans=spans, key_spans=[ks])
         if depth is not None:  # a fixed depth cannot move: nudge it by a few tokens

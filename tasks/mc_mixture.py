@@ -16,7 +16,8 @@ digits), or is None where no single place holds it (chats, copy rows): the needl
 
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py),
 longchat (tasks/memory.py conversations with many filler turns; the question is the last user
-turn) and text (corpus text continued after the history: plain LM through the MC objective). The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
+turn) and text (corpus text continued after the history: plain LM through the MC objective).
+The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
 every repeated token labelled) and short pass keys. Answer-only rows carry ~5 labelled tokens each,
 too little signal for a small GPT to form its copying (induction) heads; 64 labelled copy tokens a row
 do it in ~200 steps (dev/LOG.md, 2026-11-22).
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.longctx import _key_span, kv_recall, multikey, passkey
+from tasks.longctx import key_span, kv_recall, multikey, passkey
 
 TASKS = ("passkey", "multikey", "kv_recall", "longchat", "text")
 TEXT_TARGET = 64  # "text" rows: labelled continuation tokens after the history
@@ -119,7 +120,7 @@ class MCMixture:
         else:
             raise ValueError(f"a history of {s} tokens is too short for any long-context task")
         assert ex.question_start == s, (ex.question_start, s)
-        a, b = ex.key_spans[0] if ex.key_spans else _key_span(ex.ids, ex.needle_spans[0],
+        a, b = ex.key_spans[0] if ex.key_spans else key_span(ex.ids, ex.needle_spans[0],
                                                                     list(self.tok.encode(ex.answer.strip())))
         return ex.ids, ex.answer_span, list(range(a // self.K, (b - 1) // self.K + 1))
 
