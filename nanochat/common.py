@@ -75,6 +75,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
+def print_line(msg):
+    """Print one whole line from any rank. print() writes the text and the newline separately, so the lines of
+    two ranks sharing a pipe can run together; a single os.write of the line with its newline cannot."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (msg + "\n").encode())
+
+
 def compute_init(device_type=None, seed=42):
     """
     Set up the process: device, seeds, threads, and DDP when launched by torchrun

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0,
+from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0, print_line,
                              autocast_ctx, init_wandb)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import setup_optimizers, sync_grads
@@ -406,11 +406,10 @@ def _train(args, ddp, rank, world_size, device):
 
     if ddp:
         # every rank must hold the same weights and agree on the loss: a cheap, visible check
-        checksum = sum(p.detach().double().sum().item() for p in orig_model.parameters())
-        mc_sums = "".join(f" | {n} checksum: {sum(p.detach().double().sum().item() for p in m.parameters()):.10e}"
-                          for n, m in extra_modules.items())
-        print(f"rank {rank}/{world_size} | final train loss: {train_loss_value} | param checksum: {checksum:.10e}"
-              f"{mc_sums}", flush=True)
+        from megacontext.checkpoint import param_checksum
+        mc_sums = "".join(f" | {n} checksum: {param_checksum([m]):.10e}" for n, m in extra_modules.items())
+        print_line(f"rank {rank}/{world_size} | final train loss: {train_loss_value} | "
+                   f"param checksum: {param_checksum([orig_model]):.10e}{mc_sums}")
     if device_type == "cuda":
         print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024**2:.2f}MiB")
     print0(f"total training time: {total_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")

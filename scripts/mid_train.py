@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0,
+from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0, print_line,
                              autocast_ctx, init_wandb)
 from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
 from nanochat.loss_eval import evaluate_bpb
@@ -346,8 +346,8 @@ def _train(args, ddp, rank, world_size, device):
     if ddp and mc_trainer is not None:
         # every rank must hold the same GPT + GistNet + LensNet weights: a cheap, visible check
         from megacontext.checkpoint import param_checksum
-        print(f"rank {rank}/{world_size} | mc final loss: {train_loss_value} | "
-              f"mc checksum: {param_checksum([orig_model, *extra_modules.values()]):.10e}", flush=True)
+        print_line(f"rank {rank}/{world_size} | mc final loss: {train_loss_value} | "
+                   f"mc checksum: {param_checksum([orig_model, *extra_modules.values()]):.10e}")
 
     meta = {k: v for k, v in base_meta.items() if k not in ("dataloader_state", "loop_state", "user_config")}
     meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=step,
