@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from megacontext.config import MCConfig
-from megacontext.gistnet import GistLevels, GistNet, build_gists
+from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
 from megacontext.objective import (MCObjective, coarsest_wc, expand, gist_substitutability, lens_pair_agreement,
                                    needle_loss, open_blocks, pack, raw_suffix_part, wc_part)

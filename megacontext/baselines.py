@@ -7,7 +7,9 @@ the same examples.
     sinks                 the first `SINKS` tokens + the newest L - SINKS (StreamingLLM-style window)
     mean_pool             recency pyramid whose gists are plain means of their children (no GistNet)
     mc_recency            recency pyramid with GistNet gists (MegaContext without LensNet)
-    megacontext           LensNet focus (coarse to fine, from the coarsest tiling), slot positions
+    mc_lensnet            LensNet focus alone (coarse to fine), slot positions
+    megacontext           two-stage focus: LensNet shortlists, the reranker reads the raw candidates and picks
+                          (megacontext/reranker.py), slot positions
     megacontext_gaussian  the same working context read with gaussian positions
     full                  every token raw (the upper bound; None where N exceeds the GPT's sequence_len)
 
@@ -21,22 +23,34 @@ A Context is read by `greedy_decode` (exact-match tasks) or `continuation_nll` (
 tokens read after a context continue its positions (slot index, or the absolute token index under
 the gaussian scheme, where raw tokens have exact RoPE).
 """
-import dataclasses
-import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
 from megacontext.gistnet import GistLevels, build_gists
-from megacontext.objective import coarsest_wc, focus_wc
+from megacontext.objective import expand, start_wc
+from megacontext.reranker import rerank_scores
 from megacontext.positions import wc_positions
 from megacontext.working_context import (all_raw, entry_spans, recency_pyramid, wc_cost, wc_slot_embeddings)
 
-METHODS = ("truncation", "sinks", "mean_pool", "mc_recency", "megacontext", "megacontext_gaussian", "full")
-MC_METHODS = ("mc_recency", "megacontext", "megacontext_gaussian")  # need GistNet (and LensNet) weights
+METHODS = ("truncation", "sinks", "mean_pool", "mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian",
+           "full")
+MC_METHODS = ("mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian")  # need the MC nets
 SINKS = 4  # attention-sink tokens kept from the start (StreamingLLM keeps 4)
+
+
+class Models(NamedTuple):
+    """What the evaluation reads: the nets (None where a checkpoint has no MC weights), tokenizer and config."""
+    gpt: object
+    gistnet: object
+    lensnet: object
+    tok: object
+    cfg: object
+    reranker: object = None
 
 
 @dataclass
@@ -122,24 +136,26 @@ def wc_context(wc, reader, wte, cfg, scheme):
     return Context(x, pos.to(x.device), None if sigma is None else sigma.to(x.device), nxt, wc)
 
 
-def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte):
-    """LensNet focus, coarse to fine: from the coarsest tiling, expand the best-scored gist and rescore,
-    one expansion a pass, until none fits the budget. One at a time because LensNet is trained for its
-    top-1 (the needle's covering gist at each level): expanding its top-k at once spends the budget on
-    k - 1 guesses before the chosen level-2 region's children have been scored."""
+def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None):
+    """LensNet focus: from `start_wc` (level 1 where the history allows, else coarser), expand the best-scored
+    gist and rescore, one expansion a pass, until none fits the budget. One at a time because LensNet is
+    trained for its top-1 (the needle's covering gist at each level): expanding its top-k at once spends the
+    budget on k - 1 guesses before the chosen level-2 region's children have been scored. With a `reranker`
+    (and cfg.rerank_k > 0), a pass whose best gist is a level-1 one expands the reranker's pick among
+    LensNet's top-k level-1 gists instead: the second stage reads their raw blocks with the question."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
-    base = coarsest_wc(num_tokens, cfg)
-    room = (budget - wc_cost(base, cfg.block_size)) // (cfg.block_size - 1)
-    passes = room + 1 if room > 0 else 1
-    cfg = dataclasses.replace(cfg, max_edits=1)
-
-    @torch.no_grad()
-    def score(wc):
-        s, _ = lensnet.score([wc], [reader], wte)
-        return s[0].float().cpu().numpy()
-
-    return focus_wc(base, budget, cfg, score, max_passes=passes)
+    K = cfg.block_size
+    wc = start_wc(num_tokens, budget, cfg)
+    while wc_cost(wc, K) + K - 1 <= budget:
+        gist = np.flatnonzero(wc.levels >= 1)
+        if len(gist) == 0:
+            break
+        with torch.no_grad():
+            scores = lensnet.score([wc], [reader], wte)[0][0]
+        scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
+        wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
+    return wc
 
 
 def pyramid_or_raw(num_tokens, budget, cfg):
@@ -155,11 +171,11 @@ def span_is_raw(wc, span, K):
 
 
 @torch.no_grad()
-def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet=None, tree=None):
+def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet=None, tree=None, reranker=None):
     """
     {method: Context or None} for the history `ids` (list of token ids) at `budget`. `tree`: a reader
-    over ids with GistNet gists (MCTree.ram), needed by the MegaContext methods; `lensnet` for the
-    focused ones. `full` is None when the history exceeds the GPT's sequence_len.
+    over ids with GistNet gists (MCTree.ram), needed by the MegaContext methods; `lensnet` (and `reranker`,
+    the second stage) for the focused ones. `full` is None when the history exceeds the GPT's sequence_len.
     """
     wte = gpt.transformer.wte
     n = len(ids)
@@ -179,8 +195,10 @@ def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet
         elif m == "mc_recency":
             pyramid = pyramid or pyramid_or_raw(n, budget, cfg)
             out[m] = wc_context(pyramid, tree, wte, cfg, cfg.positions)
+        elif m == "mc_lensnet":
+            out[m] = wc_context(lens_focus(n, budget, cfg, lensnet, tree, wte), tree, wte, cfg, "slot")
         elif m in ("megacontext", "megacontext_gaussian"):
-            focused = focused or lens_focus(n, budget, cfg, lensnet, tree, wte)
+            focused = focused or lens_focus(n, budget, cfg, lensnet, tree, wte, reranker)
             out[m] = wc_context(focused, tree, wte, cfg, "slot" if m == "megacontext" else "gaussian")
         else:
             raise ValueError(f"unknown method {m!r}; known: {METHODS}")
@@ -256,6 +274,6 @@ def answer_matches(text, answer):
     return not rest or not rest[0].isalnum()
 
 
-__all__ = ["METHODS", "MC_METHODS", "SINKS", "Context", "shared_length", "raw_context", "truncation", "sink_window",
+__all__ = ["Models", "METHODS", "MC_METHODS", "SINKS", "Context", "shared_length", "raw_context", "truncation", "sink_window",
            "MeanPool", "mean_pool_reader", "wc_context", "lens_focus", "pyramid_or_raw", "span_is_raw",
            "build_contexts", "greedy_decode", "continuation_nll", "answer_matches"]

@@ -1,12 +1,12 @@
 """
 MegaContext nets in checkpoints, shared by base_train, mid_train and chat_sft (and MCSession.load).
 
-A checkpoint with MegaContext holds two extra state dicts, "gistnet" and "lensnet", next to "gpt",
+A checkpoint with MegaContext holds three extra state dicts, "gistnet", "lensnet" and "reranker", next to "gpt",
 and meta["mc_config"] (MCConfig.to_dict()). Their optimizer state lives in the AdamW state of the
 checkpoint's optimizer file (they are AdamW groups of the run's optimizer).
 
     cfg = resolve_mc_config(args, src_meta)            # the checkpoint's config (+ allowed overrides)
-    nets = build_mc_modules(gpt, cfg)                  # {"gistnet": GistNet, "lensnet": LensNet}
+    nets = build_mc_modules(gpt, cfg)                  # {"gistnet": GistNet, "lensnet": LensNet, "reranker": ...}
     nets = load_mc_modules(gpt, model_data, meta, where)  # rebuilt from a checkpoint (or UserError)
     trainer = MCTrainer(gpt, nets, cfg, seed)          # loss(x, y, step, micro, s=None) -> (loss, metrics)
 """
@@ -18,22 +18,23 @@ from megacontext.config import MCConfig, mc_config_from_args
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
 from megacontext.objective import MCObjective, needle_loss
+from megacontext.reranker import Reranker
 from nanochat.common import UserError
 
-MC_NETS = ("gistnet", "lensnet")
+MC_NETS = ("gistnet", "lensnet", "reranker")
 # MCConfig fields a later stage may change with a flag (training / focus knobs); every other field
 # shapes the nets or the memory, so it must equal the source checkpoint's value
 OVERRIDABLE = {"tau", "max_edits", "cooldown", "budget", "train_hist_budget", "train_min_target", "train_variants",
-               "train_plain_lm", "train_rows", "lens_weight", "lens_cands", "lens_temp"}
+               "train_plain_lm", "train_rows", "lens_weight", "lens_cands", "lens_temp", "rerank_k"}
 
 
 def build_mc_modules(gpt, cfg, device=None):
-    """Fresh GistNet + LensNet sized from the GPT (GistNet works in the GPT's embedding space)."""
+    """Fresh GistNet + LensNet + reranker sized from the GPT (they read the GPT's embedding space)."""
     device = device or gpt.get_device()
     n_embd, n_head = gpt.config.n_embd, gpt.config.n_head
     if n_embd % (cfg.gist_heads or n_head):
         raise UserError(f"--mc-gist-heads {cfg.gist_heads} does not divide the GPT width {n_embd}")
-    nets = {"gistnet": GistNet(n_embd, cfg, n_head), "lensnet": LensNet(n_embd, cfg)}
+    nets = {"gistnet": GistNet(n_embd, cfg, n_head), "lensnet": LensNet(n_embd, cfg), "reranker": Reranker(n_embd, cfg)}
     return {k: v.to(device) for k, v in nets.items()}
 
 
@@ -136,7 +137,8 @@ class MCTrainer:
     def needle(self, batch, step, micro=0):
         """The retrieval recipe (objective.needle_loss) on a long-context batch whose answer blocks are
         known (tasks/mc_mixture.MCBatch with blocks on every row)."""
-        return needle_loss(self.split_objective, batch.x, batch.y, batch.s, batch.blocks, self.rng(step, micro))
+        return needle_loss(self.split_objective, batch.x, batch.y, batch.s, batch.blocks, self.rng(step, micro),
+                           reranker=self.nets.get("reranker"))
 
     def min_len(self):
         return self.cfg.block_size + self.cfg.train_min_target

@@ -29,6 +29,10 @@ class MCConfig:
     lens_dim: int = 128           # LensNet's own width
     lens_layers: int = 2
     lens_heads: int = 4
+    # --- reranker (second stage of focus: reads the raw tokens of LensNet's shortlist with the question) ---
+    rerank_k: int = 4             # level-1 gists LensNet shortlists for the reranker (0: LensNet alone)
+    rerank_dim: int = 64          # its width (heads of 32)
+    rerank_layers: int = 2
     # --- end-to-end training objective (objective.py) ---
     train_hist_budget: int = 0    # B_h: cost of a history's WC in training; 0: max(budget // 2, tail + K)
     train_min_target: int = 64    # shortest target segment [s, T) after the block-aligned split s
@@ -67,6 +71,9 @@ class MCConfig:
             bad("max_edits must be >= 1 and cooldown >= 0")
         if self.lens_dim % self.lens_heads:
             bad(f"lens_dim ({self.lens_dim}) must be divisible by lens_heads ({self.lens_heads})")
+        if self.rerank_k < 0 or self.rerank_layers < 0 or self.rerank_dim < 32 or self.rerank_dim % 32:
+            bad(f"rerank_k and rerank_layers must be >= 0 and rerank_dim a positive multiple of 32, got "
+                f"{self.rerank_k}, {self.rerank_layers}, {self.rerank_dim}")
 
         if self.train_hist_budget and not (self.tail_tokens + self.block_size <= self.train_hist_budget
                                            <= self.budget):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from megacontext.allocator import Edit, apply_edits
 from megacontext.gistnet import GistLevels, build_gists
 from megacontext.positions import wc_positions
+from megacontext.reranker import candidate_ids, question_len, rerank_loss, shortlist
 from megacontext.telemetry import PhaseTimer
 from megacontext.working_context import (WorkingContext, all_raw, coarsest_tiling, entry_spans, min_cost,
                                          recency_pyramid, tail_start, wc_cost, wc_slot_embeddings)
@@ -274,7 +275,7 @@ class MCObjective:
         base_nll (B,) summed nats). No gradient.
         """
         cfg, K = self.cfg, self.cfg.block_size
-        B, m = x.size(0), x.size(1) - s
+        B = x.size(0)
         bases, parts, owners, cands = [], [], [], []
         with torch.no_grad():
             for b in range(B):
@@ -337,7 +338,6 @@ class MCObjective:
                     if wc is not None:
                         wcs.append(wc)
         with timer("lm"):
-            R = len(parts)
             rep = torch.arange(B, device=x.device).repeat(len(self.variants))
             packed = pack(parts, x[rep, s:], y[rep, s:], s, self.wte, cfg)
             sums, counts = row_nll(self.gpt, packed)
@@ -438,12 +438,27 @@ def lens_target_loss(z, legal, target, bce_weight=0.5):
     return ce + bce_weight * bce, ce.detach(), hit.detach()
 
 
+def start_wc(num_tokens, budget, cfg):
+    """Where focus starts: the finest uniform gist tiling (levels <= L, smallest L) that leaves room for one
+    expansion within `budget`, else the coarsest. Starting at level 1 whenever the history allows lets
+    LensNet shortlist among every block at once (the reranker then reads the shortlist raw); longer
+    histories start coarser and go coarse to fine. Every start is the coarsest WC plus expansions, so
+    focus ends on the same cost as any other method that fills the budget (costs differ by K - 1 steps)."""
+    K = cfg.block_size
+    for L in range(1, cfg.max_level):
+        wc = coarsest_wc(num_tokens, cfg, max_level=L)
+        if wc_cost(wc, K) + K - 1 <= budget:
+            return wc
+    return coarsest_wc(num_tokens, cfg)
+
+
 def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
     """
     Coarse-to-fine LensNet examples for one needle block (v2 prototype): `coarse` = the coarsest WC
     (target = the entry covering the block, a level-2 region or a level-1 gist); `fine` = its covering
     gists expanded down to level 1 (target = the block's level-1 gist); `redirect` = a WRONG level-2
-    region expanded (target = the right region's level-2 entry: "look elsewhere"). Returns [(wc, target)],
+    region expanded (target = the right region's level-2 entry: "look elsewhere"); `start` = where focus
+    starts at inference (`start_wc` at cfg.budget) when that is none of these. Returns [(wc, target)],
     empty when the block lies in the raw tail.
     """
     K = cfg.block_size
@@ -464,6 +479,9 @@ def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
     if wrong and rng.random() < p_redirect:
         red = expand(base, int(rng.choice(wrong)), cfg)
         out.append((red, entry_covering(red, block * K, K)))
+    first = start_wc(num_tokens, cfg.budget, cfg)
+    if all(first != wc for wc, _ in out):
+        out.append((first, entry_covering(first, block * K, K)))
     return out
 
 
@@ -477,7 +495,7 @@ def question_end(labels, s, cfg):
     return q if tail_start(q, cfg) <= s else s
 
 
-def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.0, gist_only=0.25):
+def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.0, gist_only=0.25, reranker=None):
     """
     One retrieval step on rows whose answer needs raw block blocks[b] of the history x[b, :s] (an int, or
     a list of the blocks the answer spans: all are opened, LensNet is taught the first):
@@ -485,6 +503,8 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     rows gets a random level mix instead, so the GPT also sees contexts where it is missing), with an
     answer-weighted next-token loss (`weights` (B, m) on the target segment, default 1); LensNet
     learns coarse / fine / redirect listwise choices over all entries, and its loss reaches GistNet.
+    With a `reranker` (and cfg.rerank_k > 0), it learns to pick the answer's block out of LensNet's own
+    top-k level-1 shortlist of one example per row (the answer block added when LensNet missed it).
     Every gist is computed fresh by the current GistNet (no mixed versions). Returns (loss, metrics).
     """
     cfg, rng, B_h = obj.cfg, _as_rng(rng), obj.B_h
@@ -493,7 +513,7 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     with timer("gist"):
         readers = obj.readers(x, s)
     with timer("select"):
-        parts, lens_wcs, lens_rd, lens_tg = [], [], [], []
+        parts, lens_wcs, lens_rd, lens_tg, lens_row = [], [], [], [], []
         for b in range(B):
             need = [int(k) for k in np.atleast_1d(blocks[b])]
             if s <= B_h:
@@ -512,6 +532,7 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
                     lens_wcs.append(lw)
                     lens_rd.append(rd)
                     lens_tg.append(t)
+                    lens_row.append((b, q, need))
     with timer("lm"):
         packed = pack(parts, x[:, s:], y[:, s:], s, obj.wte, cfg)
         w = torch.ones(B, m) if weights is None else weights.float()
@@ -529,9 +550,48 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
             l, ce, hit = lens_target_loss(scores, legal, torch.tensor(lens_tg, device=scores.device))
         loss = loss + lens_weight * l
         metrics.update({"mc/lens_loss": l.detach(), "mc/lens_ce": ce, "mc/lens_hit": hit})
+        if reranker is not None and cfg.rerank_k > 0:
+            with timer("rerank"):
+                r_loss, r_hit = rerank_step(reranker, obj.wte, x, scores.detach(), legal, lens_wcs, lens_rd, lens_tg,
+                                            lens_row, cfg, rng)
+            if r_loss is not None:
+                loss = loss + lens_weight * r_loss
+                metrics.update({"mc/lens_rerank_loss": r_loss.detach(), "mc/lens_rerank_hit": r_hit})
     metrics["mc/loss"] = loss.detach()
     metrics.update(timer.pop())
     return loss, metrics
+
+
+def rerank_step(reranker, wte, x, z, legal, wcs, readers, targets, rows, cfg, rng):
+    """The reranker's listwise loss over LensNet's top-k level-1 shortlist, on one LensNet example per row
+    whose target is a level-1 gist (drawn at random among them). The answer's block is added when LensNet
+    missed it; blocks that hold the rest of a split answer are left out (they are not wrong). Returns
+    (mean loss, hit rate) or (None, None) when no row has such an example."""
+    K, Q = cfg.block_size, question_len(cfg)
+    by_row = {}
+    for r, (wc, t) in enumerate(zip(wcs, targets)):
+        if wc.levels[t] == 1:
+            by_row.setdefault(rows[r][0], []).append(r)
+    losses, hits = [], []
+    for b, cands in by_row.items():
+        r = cands[int(rng.integers(len(cands)))]
+        wc, t, (_, q, need) = wcs[r], targets[r], rows[r]
+        ok = legal[r, :len(wc)].cpu().numpy().copy()  # a copy: the LensNet loss saved `legal` for backward
+        for blk in need[1:]:
+            ok[entry_covering(wc, blk * K, K)] = False
+        short = list(shortlist(z[r, :len(wc)].float().cpu().numpy(), wc, cfg.rerank_k, ok))
+        if t not in short:
+            short[-1:] = [t]
+        if len(short) < 2:
+            continue
+        ids = candidate_ids(readers[r], wc, short, x[b, q - Q:q], K)
+        logits = reranker(ids, wte)
+        target = short.index(t)
+        losses.append(rerank_loss(logits, target))
+        hits.append(float(int(logits.argmax()) == target))
+    if not losses:
+        return None, None
+    return torch.stack(losses).mean(), sum(hits) / len(hits)
 
 
 # -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from megacontext.allocator import CooldownState, refocus as allocator_refocus
 from megacontext.config import MCConfig
 from megacontext.kvcache import WCKVCache
 from megacontext.tree import MCTree, validate_ids
+from megacontext.reranker import rerank_scores
 from megacontext.working_context import (WCError, WorkingContext, all_raw, append_tokens, check_invariants,
                                          recency_pyramid, wc_cost)
 
@@ -89,9 +90,10 @@ def sample_token(logits, temperature, top_k, rng):
 class MCSession:
 
     def __init__(self, gpt, gistnet, lensnet, tokenizer, cfg, memory_dir=None, device=None, budget=None,
-                 passes=2, source_info=None):
+                 passes=2, source_info=None, reranker=None):
         """
-        gpt/gistnet/lensnet: the three nets (moved to `device`, default the GPT's); tokenizer: may be
+        gpt/gistnet/lensnet: the three nets (moved to `device`, default the GPT's); reranker: the second
+        stage of focus (megacontext/reranker.py; None: LensNet alone); tokenizer: may be
         None for id-only use; cfg: MCConfig (budget overrides cfg.budget). memory_dir: a directory for
         a persistent memory: created when absent or empty, restored (identity-checked) when it holds a session.
         """
@@ -103,6 +105,7 @@ class MCSession:
         self.gpt = gpt.to(self.device).eval()
         self.gistnet = gistnet.to(self.device).eval()
         self.lensnet = lensnet.to(self.device).eval()
+        self.reranker = None if reranker is None else reranker.to(self.device).eval()
         self.tokenizer = tokenizer
         self.passes = passes
         self.source_info = source_info or {}
@@ -147,7 +150,7 @@ class MCSession:
         gpt = gpt.float() if device.type != "cuda" else gpt
         info = {"source": source, "model_tag": os.path.basename(ckdir), "step": step}
         return cls(gpt, gistnet, lensnet, tokenizer, cfg, memory_dir=memory_dir, device=device, budget=budget,
-                   source_info=info, **kw)
+                   source_info=info, reranker=nets["reranker"], **kw)
 
     @classmethod
     def open(cls, memory_dir, source=None, model_tag=None, step=None, device=None, budget=None, **kw):
@@ -288,13 +291,16 @@ class MCSession:
 
     @torch.no_grad()
     def refocus(self):
-        """LensNet scores -> allocator edits, up to `passes` chained passes. Returns the edits made."""
+        """LensNet scores (the reranker reordering its level-1 shortlist) -> allocator edits, up to `passes`
+        chained passes. Returns the edits made."""
         edits = []
         if self.tree.num_tokens == 0:
             return edits
+        wte = self.gpt.transformer.wte
         for _ in range(self.passes):
-            scores, _ = self.lensnet.score([self.wc], self.tree, self.gpt.transformer.wte)
-            e, self.wc, self.cooldown = allocator_refocus(self.wc, scores[0], self.cfg.budget, self.cooldown, self.cfg)
+            scores, _ = self.lensnet.score([self.wc], self.tree, wte)
+            scores = rerank_scores(scores[0], self.wc, self.tree, self.reranker, wte, self.cfg)
+            e, self.wc, self.cooldown = allocator_refocus(self.wc, scores, self.cfg.budget, self.cooldown, self.cfg)
             edits += e
             if not e:
                 break

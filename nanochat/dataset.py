@@ -11,7 +11,6 @@ Two ways to get them:
 """
 import argparse
 import glob
-import io
 import json
 import os
 import random

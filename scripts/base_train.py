@@ -209,8 +209,8 @@ def _train(args, ddp, rank, world_size, device):
         extra_modules = build_mc_modules(orig_model, mc_cfg, device)
         # the objective calls the uncompiled GPT: its packed rows change shape every step
         mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
-        print0(f"MegaContext: {mc_cfg} | GistNet {sum(p.numel() for p in extra_modules['gistnet'].parameters()):,} "
-               f"+ LensNet {sum(p.numel() for p in extra_modules['lensnet'].parameters()):,} parameters")
+        print0(f"MegaContext: {mc_cfg} | " + " + ".join(f"{n} {sum(p.numel() for p in m.parameters()):,}"
+                                                        for n, m in extra_modules.items()) + " parameters")
 
     # ---- batch geometry and horizon
     B, T = args.device_batch_size, args.max_seq_len

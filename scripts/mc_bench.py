@@ -28,18 +28,17 @@ def sync_device(device):
 
 
 def random_session(args, device, memory_dir):
+    from megacontext.checkpoint import build_mc_modules
     from megacontext.config import MCConfig
-    from megacontext.gistnet import GistNet
-    from megacontext.lensnet import LensNet
     from megacontext.runtime import MCSession
     from nanochat.gpt import GPT, config_from_depth
     torch.manual_seed(0)
     cfg = MCConfig(budget=args.budget)
     gpt = GPT(config_from_depth(args.depth, args.vocab, 2 * args.budget))
     gpt.init_weights()
-    gistnet = GistNet(gpt.config.n_embd, cfg, gpt.config.n_head)
-    lensnet = LensNet(gpt.config.n_embd, cfg)
-    return MCSession(gpt, gistnet, lensnet, None, cfg, memory_dir=memory_dir, device=device)
+    nets = build_mc_modules(gpt, cfg, device="cpu")
+    return MCSession(gpt, nets["gistnet"], nets["lensnet"], None, cfg, memory_dir=memory_dir, device=device,
+                     reranker=nets["reranker"])
 
 
 def time_decode(session, n_tokens, rounds, device):

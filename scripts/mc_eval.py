@@ -7,9 +7,10 @@ on the same examples, written to JSON, to the report (markdown tables) and to PN
     python -m scripts.mc_eval --random-init --depth 2 --quick  # no checkpoint: a smoke test / timing run
 
 Methods (megacontext/baselines.py): truncation, sinks (StreamingLLM window), mean_pool (gists = mean
-of children, no GistNet), mc_recency (GistNet gists, recency pyramid, no LensNet), megacontext
-(LensNet focus, slot positions), megacontext_gaussian (the same working context, gaussian
-positions), full (all tokens raw; null where the history exceeds the GPT's sequence_len). Every
+of children, no GistNet), mc_recency (GistNet gists, recency pyramid, no LensNet), mc_lensnet
+(LensNet focus alone), megacontext (two-stage focus: LensNet shortlists, the reranker reads the raw
+candidates with the question and picks; slot positions), megacontext_gaussian (the same working
+context, gaussian positions), full (all tokens raw; null where the history exceeds the GPT's sequence_len). Every
 method but full reads exactly the same number of GPT input slots (counted and checked per example).
 
 Tasks (tasks/longctx.py), filler = validation-shard text: passkey (5-digit key, greedy decoding, exact
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
-from megacontext.baselines import (MC_METHODS, METHODS, answer_matches, build_contexts, continuation_nll,
+from megacontext.baselines import (MC_METHODS, METHODS, Models, answer_matches, build_contexts, continuation_nll,
                                    greedy_decode, span_is_raw)
 from megacontext.quality import (doc_windows, quality_lines, quality_markdown, quality_plan, quality_problems,
                                  run_quality)
@@ -80,9 +81,8 @@ class CachedTokenizer:
 
 
 def random_init_models(args, device):
+    from megacontext.checkpoint import build_mc_modules
     from megacontext.config import MCConfig
-    from megacontext.gistnet import GistNet
-    from megacontext.lensnet import LensNet
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
@@ -90,10 +90,9 @@ def random_init_models(args, device):
     torch.manual_seed(args.seed)
     gpt = GPT(config_from_depth(args.depth, tok.get_vocab_size(), 2 * cfg.budget))
     gpt.init_weights()
-    gistnet = GistNet(gpt.config.n_embd, cfg, gpt.config.n_head)
-    lensnet = LensNet(gpt.config.n_embd, cfg)
+    nets = {k: v.to(device).eval() for k, v in build_mc_modules(gpt, cfg, device="cpu").items()}
     info = {"source": "random-init", "model_tag": None, "step": None, "mc_weights": True}
-    return gpt.to(device).eval(), gistnet.to(device).eval(), lensnet.to(device).eval(), tok, cfg, info
+    return Models(gpt.to(device).eval(), nets["gistnet"], nets["lensnet"], tok, cfg, nets["reranker"]), info
 
 
 def checkpoint_models(args, device):
@@ -102,7 +101,7 @@ def checkpoint_models(args, device):
     from megacontext.runtime import MCSession
     try:
         s = MCSession.load(args.source, args.model_tag, args.step, device)
-        gpt, gistnet, lensnet, tok, cfg, info = s.gpt, s.gistnet, s.lensnet, s.tokenizer, s.cfg, dict(s.source_info)
+        models, info = Models(s.gpt, s.gistnet, s.lensnet, s.tokenizer, s.cfg, s.reranker), dict(s.source_info)
         info["mc_weights"] = True
     except UserError as e:  # SessionError, or the MC loader's "no MegaContext weights"
         if "no MegaContext weights" not in str(e) or not args.baselines_only:
@@ -112,14 +111,14 @@ def checkpoint_models(args, device):
         from nanochat.checkpoint_manager import load_model
         gpt, tok, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
         gpt = gpt.float() if device.type != "cuda" else gpt
-        cfg, gistnet, lensnet = MCConfig(), None, None
+        models = Models(gpt, None, None, tok, MCConfig(), None)
         info = {"source": args.source, "model_tag": args.model_tag, "step": meta.get("step"), "mc_weights": False}
-    changes = {k: v for k, v in (("budget", args.budget), ("tail_tokens", args.tail_tokens)) if v is not None}
+    changes = {k: v for k, v in (("budget", args.budget), ("tail_tokens", args.tail_tokens),
+                                 ("rerank_k", args.rerank_k)) if v is not None}
     try:
-        cfg = dataclasses.replace(cfg, **changes)
+        return models._replace(cfg=dataclasses.replace(models.cfg, **changes)), info
     except ValueError as e:
         raise UserError(str(e)) from None
-    return gpt, gistnet, lensnet, tok, cfg, info
 
 
 def val_texts(max_chars):
@@ -144,11 +143,11 @@ def example_rng(seed, task, multiple, trial):
 
 
 def make_example(task, filler, tok, rng, n_tokens, depth=None):
-    from tasks.longctx import kv_recall, multikey, passkey
+    from tasks.longctx import MULTI_QUESTIONS_HELDOUT, kv_recall, multikey, passkey
     if task == "passkey":
         return passkey(filler, tok, rng, n_tokens, depth=depth)
-    if task == "needle":
-        return multikey(filler, tok, rng, n_tokens)
+    if task == "needle":  # asked with wording that midtraining never used
+        return multikey(filler, tok, rng, n_tokens, questions=MULTI_QUESTIONS_HELDOUT)
     return kv_recall(filler, tok, rng, n_tokens)
 
 
@@ -175,11 +174,11 @@ def check_same_budget(ctxs, where):
 @torch.no_grad()
 def eval_example(ex, models, methods, budget):
     """{method: (correct or None, slots or None, needle raw in the WC or None)} for one example."""
-    gpt, gistnet, lensnet, tok, cfg = models
+    gpt, gistnet, lensnet, tok, cfg, reranker = models
     hist = ex.ids[:ex.answer_span[0]]  # history + question: the question is the present (raw tail)
     n_new = ex.answer_span[1] - ex.answer_span[0] + 1  # one more token, so an extra digit is seen
     tree = make_tree(hist, gistnet, gpt, cfg) if any(m in MC_METHODS for m in methods) else None
-    ctxs = build_contexts(hist, budget, cfg, gpt, methods, gistnet, lensnet, tree)
+    ctxs = build_contexts(hist, budget, cfg, gpt, methods, gistnet, lensnet, tree, reranker)
     check_same_budget(ctxs, f"{len(hist)} tokens")
     out = {}
     for m, c in ctxs.items():
@@ -201,7 +200,7 @@ def _mean(xs):
 def run_exact_task(task, models, methods, budget, multiples, trials, depths, filler, seed, progress=True):
     """Accuracy, slots and LensNet hit rates per multiple and method (+ per depth for passkey)."""
     from tqdm import tqdm
-    gpt, gistnet, lensnet, tok, cfg = models
+    tok = models.tok
     acc, slots, hits, by_depth = {}, {}, {}, {}
     bar = tqdm(total=len(multiples) * trials, desc=task, disable=not progress, leave=False)
     skipped = []
@@ -234,14 +233,14 @@ def run_exact_task(task, models, methods, budget, multiples, trials, depths, fil
 def run_long_doc(models, methods, budget, texts, doc_tokens, target, n_docs, progress=True):
     """Mean NLL (nats/token) of each window's last `target` tokens given the rest, per method; gap closed."""
     from tqdm import tqdm
-    gpt, gistnet, lensnet, tok, cfg = models
+    gpt, gistnet, lensnet, tok, cfg, reranker = models
     windows = doc_windows(texts, tok, doc_tokens, n_docs)
     sums = {m: 0.0 for m in methods}
     counts = {m: 0 for m in methods}
     for w in tqdm(windows, desc="long_doc", disable=not progress, leave=False):
         hist, tgt = w[:-target], w[-target:]
         tree = make_tree(hist, gistnet, gpt, cfg) if any(m in MC_METHODS for m in methods) else None
-        ctxs = build_contexts(hist, budget, cfg, gpt, methods, gistnet, lensnet, tree)
+        ctxs = build_contexts(hist, budget, cfg, gpt, methods, gistnet, lensnet, tree, reranker)
         check_same_budget(ctxs, f"long_doc {len(hist)} tokens")
         for m, c in ctxs.items():
             if c is not None:
@@ -462,6 +461,8 @@ def main(argv=None):
                    help="a checkpoint without MegaContext weights: run truncation/sinks/mean_pool/full only")
     p.add_argument("--budget", type=int, default=None, help="working-context budget (default: the checkpoint's; 512)")
     p.add_argument("--tail-tokens", type=int, default=None, help="protected raw tail (default: the checkpoint's; 128)")
+    p.add_argument("--rerank-k", type=int, default=None, help="LensNet shortlist the reranker picks from (default: "
+                                                              "the checkpoint's; 0: LensNet alone)")
     # the counts below default to None so that --quick lowers only what the user did not pass
     p.add_argument("--trials", type=int, default=None, help="passkey examples per history multiple (default 50)")
     p.add_argument("--needle-trials", type=int, default=None, help="multi-key / kv-recall examples per multiple "
@@ -497,7 +498,8 @@ def main(argv=None):
     device = torch.device(args.device or autodetect_device_type())
     t_start = time.perf_counter()
     load = random_init_models if args.random_init else checkpoint_models
-    gpt, gistnet, lensnet, tok, cfg, info = load(args, device)
+    models, info = load(args, device)
+    gpt, cfg = models.gpt, models.cfg
     if not info["mc_weights"]:
         methods = [m for m in methods if m not in MC_METHODS]
         print(f"warning: {args.source} checkpoint has no MegaContext weights: running {methods} only")
@@ -505,7 +507,7 @@ def main(argv=None):
     doc_tokens = args.doc_tokens or gpt.config.sequence_len
     if doc_tokens <= args.doc_target or args.doc_target < 2:
         raise UserError(f"--doc-tokens ({doc_tokens}) must exceed --doc-target ({args.doc_target}) >= 2")
-    models = (gpt, gistnet, lensnet, CachedTokenizer(tok), cfg)
+    models = models._replace(tok=CachedTokenizer(models.tok))
     # enough text for the longest history several times over (~4 characters per token) and the long documents
     q_hist, _ = quality_plan(cfg, gpt.config.sequence_len, args.doc_target)
     q_tokens = max([s + args.doc_target + 1 for s in q_hist.values() if s] or [0]) if "quality" in tasks else 0

@@ -17,6 +17,7 @@ whatever the tokenizer merges across piece boundaries.
 - `passkey`: one 5-digit key in filler, varied needle and question wording.
 - `multikey`: several keys labelled by colour; near-miss decoys use the ASKED colour with another
   noun ("the red code is ..."), so only reading the question and the needle together answers it.
+  Training asks with MULTI_QUESTIONS, evaluation with MULTI_QUESTIONS_HELDOUT (wording never trained on).
 - `kv_recall`: many `key -> value` records scattered in filler; the question names one key.
 """
 from dataclasses import dataclass, field
@@ -38,7 +39,15 @@ ANSWER_END = "."  # ends every answer, as the needles end their keys
 COLOURS = ["red", "blue", "green", "gold", "gray", "pink", "teal", "navy", "lime", "rose"]
 MULTI_NEEDLES = [" The {c} key is {key}. ", " Note: the {c} key is {key}. "]
 MULTI_DECOYS = [" The {c} code is {key}. ", " A {c} lock was {key}. ", " The {c} door is {key}. "]
-MULTI_QUESTIONS = ["\nWhat is the {c} key? The {c} key is", "\nQuestion: which number is the {c} key? The {c} key is"]
+MULTI_QUESTIONS = [  # the wording midtraining asks with
+    "\nWhat is the {c} key? The {c} key is",
+    "\nQuestion: which number is the {c} key? The {c} key is",
+    "\nRecall the number given for the {c} key. The {c} key is",
+]
+MULTI_QUESTIONS_HELDOUT = [  # never trained on: scripts/mc_eval.py asks with these
+    "\nTell me the {c} key from the text above. The {c} key is",
+    "\nWhich value did the {c} key have? The {c} key is",
+]
 KV_WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "ember", "frost", "pearl", "cedar", "quill",
             "amber", "delta", "lotus", "raven", "sable", "coral", "ivory", "onyx", "willow"]
 
@@ -134,8 +143,9 @@ def passkey(filler, tokenizer, rng, n_tokens, depth=None, key=None, key_in_block
     raise ValueError(f"could not place the key inside one {key_in_block}-token block")
 
 
-def multikey(filler, tokenizer, rng, n_tokens, n_keys=4, n_decoys=2):
-    """n_keys colour-labelled keys (the first one asked) + n_decoys near misses with the asked colour."""
+def multikey(filler, tokenizer, rng, n_tokens, n_keys=4, n_decoys=2, questions=MULTI_QUESTIONS):
+    """n_keys colour-labelled keys (the first one asked) + n_decoys near misses with the asked colour, asked
+    with one of `questions` (the training wording by default; MULTI_QUESTIONS_HELDOUT for evaluation)."""
     if not 1 <= n_keys <= len(COLOURS):
         raise ValueError(f"n_keys must be in 1..{len(COLOURS)}, got {n_keys}")
     cols = [COLOURS[i] for i in rng.choice(len(COLOURS), n_keys, replace=False)]
@@ -145,7 +155,7 @@ def multikey(filler, tokenizer, rng, n_tokens, n_keys=4, n_decoys=2):
     ask = cols[0]
     needles = [MULTI_NEEDLES[int(rng.integers(len(MULTI_NEEDLES)))].format(c=c, key=k) for c, k in zip(cols, keys)]
     decoys = [MULTI_DECOYS[i % len(MULTI_DECOYS)].format(c=ask, key=k) for i, k in enumerate(keys[n_keys:])]
-    question = MULTI_QUESTIONS[int(rng.integers(len(MULTI_QUESTIONS)))].format(c=ask)
+    question = questions[int(rng.integers(len(questions)))].format(c=ask)
     ids, spans, q, ans = _assemble(filler, tokenizer, rng, n_tokens, needles + decoys, question, " " + keys[0])
     return LongCtxExample(ids, ans, q, " " + keys[0], needle_spans=spans[:n_keys], decoy_spans=spans[n_keys:])
 

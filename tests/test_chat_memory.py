@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
+from megacontext.reranker import Reranker
 from megacontext.runtime import MCSession
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
@@ -30,7 +31,7 @@ def tiny_cfg():
 
 
 def tiny_nets(tok, seed=0):
-    """Depth-1 GPT + GistNet + LensNet with non-trivial weights. The stop tokens' lm_head rows are
+    """Depth-1 GPT + GistNet + LensNet + reranker with non-trivial weights. The stop tokens' lm_head rows are
     zeroed (logit 0 while the best of ~500 others is positive), so greedy replies are exactly
     max_tokens long and never empty."""
     torch.manual_seed(seed)
@@ -46,19 +47,25 @@ def tiny_nets(tok, seed=0):
         lensnet.key.weight.mul_(4.0)  # strong enough scores that LensNet asks for edits
         for name in ("<|assistant_end|>", "<|bos|>"):
             gpt.lm_head.weight[tok.encode_special(name)] = 0.0
-    return gpt.eval(), gistnet.eval(), lensnet.eval()
+    return gpt.eval(), gistnet.eval(), lensnet.eval(), Reranker(gpt.config.n_embd, cfg).eval()
 
 
 def write_mc_checkpoint(base, nets, step=0):
     from nanochat.checkpoint_manager import save_checkpoint
-    gpt, gistnet, lensnet = nets
+    gpt, gistnet, lensnet, reranker = nets
     save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d1"), step,
-                    {"gpt": gpt.state_dict(), "gistnet": gistnet.state_dict(), "lensnet": lensnet.state_dict()},
+                    {"gpt": gpt.state_dict(), "gistnet": gistnet.state_dict(), "lensnet": lensnet.state_dict(),
+                     "reranker": reranker.state_dict()},
                     None, {"model_config": asdict(gpt.config), "step": step, "mc_config": tiny_cfg().to_dict()})
 
 
+def session(tok, nets, memory_dir=None):
+    gpt, gistnet, lensnet, reranker = nets
+    return MCSession(gpt, gistnet, lensnet, tok, tiny_cfg(), memory_dir=memory_dir, device="cpu", reranker=reranker)
+
+
 def memory_chat(tok, nets, memory_dir=None):
-    return MemoryChat(MCSession(*nets, tok, tiny_cfg(), memory_dir=memory_dir, device="cpu"))
+    return MemoryChat(session(tok, nets, memory_dir))
 
 
 def reference(tok, nets, turns, max_tokens, memory_dir=None):
@@ -118,7 +125,7 @@ def test_cli_memory_persists_across_processes(tiny_base_env, tiny_docs, tmp_path
     assert after["num_tokens"] == n2 and after["turns"] == 4
     assert after["wc_cost"] <= BUDGET and after["refocus_count"] > before["refocus_count"]
     # the memory holds exactly the two exchanges, and both replies as the processes printed them
-    s = MCSession(*nets, tok, tiny_cfg(), memory_dir=mem, device="cpu")
+    s = session(tok, nets, mem)
     assert s.num_tokens == n2
     ids = s.tree.tokens(0, s.num_tokens).tolist()
     s.close()

@@ -4,7 +4,8 @@ import re
 import numpy as np
 import pytest
 
-from tasks.longctx import COLOURS, PASSKEY_NEEDLES, kv_recall, multikey, passkey
+from tasks.longctx import (COLOURS, MULTI_QUESTIONS, MULTI_QUESTIONS_HELDOUT, PASSKEY_NEEDLES, kv_recall, multikey,
+                           passkey)
 
 FILLER = ("The river ran past the old mill and the miller counted his sacks of grain before the winter came. "
           "In the evening the lamps were lit and the children listened to stories of kings and distant lands. ")
@@ -69,6 +70,21 @@ def test_multikey_question_names_the_asked_key_and_decoys_are_near_misses():
             assert asked in d and "key" not in d and ex.answer.strip() not in d
         spans = sorted(ex.needle_spans + ex.decoy_spans)
         assert all(s1[1] <= s2[0] for s1, s2 in zip(spans, spans[1:]))  # no overlaps
+
+
+def test_multikey_held_out_wording_is_never_the_training_wording():
+    tok = CharTok()
+    train = {q.format(c="red") for q in MULTI_QUESTIONS}
+    held = {q.format(c="red") for q in MULTI_QUESTIONS_HELDOUT}
+    assert not train & held and all(q.endswith("The red key is") for q in train | held)
+    seen = {"train": set(), "held": set()}
+    for seed in range(40):
+        for name, qs in (("train", MULTI_QUESTIONS), ("held", MULTI_QUESTIONS_HELDOUT)):
+            ex = multikey(FILLER, tok, np.random.default_rng(seed), 1500, questions=qs)
+            q = tok.decode(ex.ids[ex.question_start:ex.answer_span[0]])
+            colour = next(c for c in COLOURS if f" {c} key?" in q or f" {c} key " in q or f" {c} key." in q)
+            seen[name].add(q.replace(colour, "red"))
+    assert seen["train"] == train and seen["held"] == held  # every template used, each only on its side
 
 
 def test_kv_recall_and_real_tokenizer(tiny_base_env):

@@ -12,12 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext.baselines import (METHODS, SINKS, answer_matches, build_contexts, continuation_nll, greedy_decode,
+from megacontext.baselines import (METHODS, SINKS, Models, answer_matches, build_contexts, continuation_nll,
+                                   greedy_decode,
                                    lens_focus, mean_pool_reader, shared_length, span_is_raw)
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.kvcache import full_logits
 from megacontext.lensnet import LensNet
+from megacontext.reranker import Reranker
 from megacontext.working_context import append_tokens, recency_pyramid, wc_cost
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
@@ -237,7 +239,8 @@ def _save_ckpt(base, with_mc):
     data = {"gpt": gpt.state_dict()}
     meta = {"model_config": asdict(gpt.config), "step": 5}
     if with_mc:
-        data.update(gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict())
+        data.update(gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict(),
+                    reranker=Reranker(gpt.config.n_embd, cfg).state_dict())
         meta["mc_config"] = cfg.to_dict()
     save_checkpoint(os.path.join(base, "base_checkpoints", "d1"), 5, data, None, meta)
 
@@ -277,13 +280,13 @@ def test_long_doc_nll_and_gap_closed(tiny_base_dir, tiny_docs, monkeypatch):
     gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
     tok = CachedTokenizer(get_tokenizer())
     texts = tiny_docs[-24:]
-    nll, gaps, used = run_long_doc((gpt, gistnet, lensnet, tok, cfg), list(METHODS), 128, texts, 256, 32, 3,
+    nll, gaps, used = run_long_doc(Models(gpt, gistnet, lensnet, tok, cfg), list(METHODS), 128, texts, 256, 32, 3,
                                    progress=False)
     assert used == len(doc_windows(texts, tok, 256, 3)) == 3
     assert all(isinstance(nll[m], float) and 0 < nll[m] < 20 for m in METHODS)
     assert len({nll[m] for m in METHODS}) > 1  # the context matters to this GPT: methods differ
     lo, hi = nll["full"], nll["truncation"]
-    for m in ("sinks", "mean_pool", "mc_recency", "megacontext", "megacontext_gaussian"):
+    for m in ("sinks", "mean_pool", "mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian"):
         if hi - lo > 1e-6:
             assert gaps[m] == pytest.approx((hi - nll[m]) / (hi - lo), abs=2e-3)
         else:  # full attention no better than truncation: there is no gap to close
@@ -357,7 +360,7 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
     from nanochat.tokenizer import get_tokenizer
     from scripts.mc_eval import CachedTokenizer, quality_problems, run_quality, validate_result
     gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
-    models = (gpt, gistnet, lensnet, CachedTokenizer(get_tokenizer()), cfg)
+    models = Models(gpt, gistnet, lensnet, CachedTokenizer(get_tokenizer()), cfg)
     q = run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False)
     number = lambda v: v is None or isinstance(v, (int, float))  # noqa: E731
     assert quality_problems(q, number) == []
@@ -375,7 +378,7 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
     assert lens["history_tokens"] == 224 and 0 < lens["rows"] <= 2
     assert 0 <= lens["agreement"] <= 1 and 0 <= lens["top1"] <= 1 and lens["delta_nll"] is not None
     assert run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False) == q  # deterministic
-    none = run_quality((gpt, None, None, models[3], cfg), tiny_docs[-24:], 32, 2, seed=0, progress=False)
+    none = run_quality(Models(gpt, None, None, models.tok, cfg), tiny_docs[-24:], 32, 2, seed=0, progress=False)
     assert none["level_1"] is None and none["lens"] is None and set(none["reasons"]) == {"level_1", "level_2", "lens"}
     base = {"config": {}, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None}}
     assert validate_result({**base, "quality": q}) and validate_result({**base, "quality": none})

@@ -15,7 +15,7 @@ from megacontext.lensnet import LensNet
 from megacontext.objective import (MCObjective, coarsest_wc, entry_covering, expand, focus_wc, gist_substitutability,
                                    lens_curriculum, lens_loss, lens_pair_agreement, lens_target_loss, lens_targets,
                                    needle_loss, needle_variant, open_blocks, pack, pair_agreement, random_mix,
-                                   raw_suffix_part, row_nll, split_point, wc_part, weighted_target_nll)
+                                   raw_suffix_part, row_nll, split_point, start_wc, wc_part, weighted_target_nll)
 from megacontext.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
 from megacontext.working_context import check_invariants, wc_cost
 from nanochat.gpt import GPT, GPTConfig
@@ -222,8 +222,26 @@ def test_open_blocks_and_lens_curriculum_targets_hold_the_needle():
                 check_invariants(w, cfg)
                 L, i = int(w.levels[t]), int(w.indices[t])
                 assert L >= 1 and i * K ** L <= blk * K < (i + 1) * K ** L  # the target covers the needle
-    kinds = {len(lens_curriculum(n, 2, cfg, np.random.default_rng(s), p_redirect=1.0)) for s in range(3)}
-    assert kinds == {3}  # coarse, fine and redirect for a needle inside a level-2 region
+    for seed in range(3):  # coarse, fine, redirect and focus's level-1 start for a needle inside a level-2 region
+        ex = lens_curriculum(n, 2, cfg, np.random.default_rng(seed), p_redirect=1.0)
+        assert len(ex) == 4 and ex[-1][0] == start_wc(n, cfg.budget, cfg) and set(ex[-1][0].levels) == {0, 1}
+
+
+def test_start_wc_is_the_finest_tiling_that_leaves_room():
+    cfg = MCConfig(block_size=8, max_level=3, budget=64, tail_tokens=8, lens_dim=32, lens_heads=2)
+    K = cfg.block_size
+    for n in (70, 100, 200, 400, 1000, 5000):
+        for budget in (40, 64, 100):
+            wc = start_wc(n, budget, cfg)
+            check_invariants(wc, cfg)
+            coarse = coarsest_wc(n, cfg)
+            assert (wc_cost(wc, K) - wc_cost(coarse, K)) % (K - 1) == 0  # the coarsest WC + whole expansions
+            top = int(wc.levels.max())
+            if top > 1:  # a finer uniform tiling would leave no room for one expansion
+                finer = coarsest_wc(n, cfg, max_level=top - 1)
+                assert wc_cost(finer, K) + K - 1 > budget
+            if wc != coarse:
+                assert wc_cost(wc, K) + K - 1 <= budget
 
 
 def test_lens_target_loss_descends_towards_the_target():
@@ -255,7 +273,7 @@ def test_needle_loss_trains_every_module_and_learns_a_fixed_needle():
     with torch.no_grad():
         for p in obj.parameters_mc():
             p.add_(0.02 * torch.randn_like(p))
-    K, s = cfg.block_size, 200
+    s = 200
     x, y = batch(B=2, T=232, seed=5)
     blocks = [3, 17]
     before = {n: p.detach().clone() for n, p in [*obj.gistnet.named_parameters(), *obj.lensnet.named_parameters()]}

@@ -13,6 +13,7 @@ import torch
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
+from megacontext.reranker import Reranker
 from megacontext.runtime import MCSession, SessionError
 from megacontext.working_context import check_invariants, materialize
 from nanochat.common import UserError
@@ -197,7 +198,8 @@ def write_checkpoint(base, cfg, nets, source_dir="base_checkpoints", with_mc=Tru
     model_data = {"gpt": gpt.state_dict()}
     meta = {"model_config": asdict(gpt.config), "step": 0}
     if with_mc:
-        model_data.update(gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict())
+        model_data.update(gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict(),
+                          reranker=Reranker(gpt.config.n_embd, cfg).state_dict())
         meta["mc_config"] = cfg.to_dict()
     save_checkpoint(os.path.join(base, source_dir, "d1"), 0, model_data, None, meta)
 

@@ -1,0 +1,152 @@
+"""The reranker (second stage of focus): it reorders only LensNet's level-1 shortlist, two-stage focus opens its
+pick, needle_loss trains every one of its weights, and it learns to bind a question to the block that answers it."""
+import numpy as np
+import torch
+import torch.nn as nn
+
+from megacontext.baselines import lens_focus, span_is_raw
+from megacontext.config import MCConfig
+from megacontext.gistnet import GistLevels, GistNet, build_gists
+from megacontext.lensnet import LensNet
+from megacontext.objective import MCObjective, needle_loss, start_wc
+from megacontext.reranker import Reranker, candidate_ids, rerank_loss, rerank_scores, shortlist
+from nanochat.gpt import GPT, GPTConfig
+
+V, D = 64, 32
+MARK = 5  # the token the marker reranker looks for
+
+
+def cfg_(**kw):
+    base = dict(block_size=8, max_level=2, budget=64, tail_tokens=8, gist_layers=1, lens_dim=32, lens_heads=2,
+                lens_layers=1, train_hist_budget=32, train_min_target=8, train_plain_lm=0.0, rerank_dim=32,
+                rerank_layers=1)
+    return MCConfig(**{**base, **kw})
+
+
+class MarkerReranker(nn.Module):
+    """Scores a candidate by how many MARK tokens its block holds: a reranker whose right answer is known."""
+
+    def __init__(self, K):
+        super().__init__()
+        self.K = K
+
+    def forward(self, ids, wte):
+        return (ids[:, -self.K:] == MARK).float().sum(1)
+
+
+def reader_over(ids, cfg, seed=0):
+    torch.manual_seed(seed)
+    wte = nn.Embedding(V, D)
+    gistnet = GistNet(D, cfg, 2)
+    with torch.no_grad():
+        levels = build_gists(gistnet, wte(ids), cfg, max_level=cfg.max_level)
+    return GistLevels(ids, levels), wte
+
+
+def test_rerank_scores_reorders_only_the_level_1_shortlist():
+    cfg = cfg_(rerank_k=3)
+    K = cfg.block_size
+    ids = torch.randint(6, V, (200,), generator=torch.Generator().manual_seed(0))
+    reader, wte = reader_over(ids, cfg)
+    wc = start_wc(200, cfg.budget, cfg)
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=len(wc))
+    short = shortlist(scores, wc, 3)
+    assert len(short) == 3 and all(wc.levels[j] == 1 for j in short)
+    assert list(scores[short]) == sorted(scores[wc.levels == 1], reverse=True)[:3]
+    pick = int(short[2])  # LensNet's third choice holds the marker
+    a = int(wc.indices[pick]) * K
+    ids2 = ids.clone()
+    ids2[a + 3] = MARK
+    reader2 = GistLevels(ids2, [None] + [reader.gists(L, 0, reader.count(L)) for L in range(1, reader.max_level + 1)])
+    out = rerank_scores(scores, wc, reader2, MarkerReranker(K), wte, cfg)
+    assert out[pick] == scores[short[0]]  # the reranker's pick takes LensNet's best shortlist score
+    assert sorted(out[short]) == sorted(scores[short])  # the shortlist keeps its set of scores
+    rest = np.setdiff1d(np.arange(len(wc)), short)
+    assert np.array_equal(out[rest], scores[rest])  # every other entry is untouched
+    assert np.array_equal(rerank_scores(scores, wc, reader2, None, wte, cfg), scores)  # no reranker: LensNet's
+    assert np.array_equal(rerank_scores(scores, wc, reader2, MarkerReranker(K), wte,
+                                        MCConfig(**{**cfg.to_dict(), "rerank_k": 0})), scores)
+
+
+def test_two_stage_focus_opens_the_reranker_pick():
+    cfg = cfg_(rerank_k=64)  # every level-1 gist is shortlisted: the reranker alone decides
+    K, n = cfg.block_size, 200
+    lensnet = LensNet(D, cfg)
+    for blk in (2, 11, 20):
+        ids = torch.randint(6, V, (n,), generator=torch.Generator().manual_seed(blk))
+        ids[blk * K + 4] = MARK
+        reader, wte = reader_over(ids, cfg)
+        wc = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(K))
+        assert span_is_raw(wc, (blk * K, blk * K + K), K)
+        one = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: same cost, its own choice
+        assert one.num_tokens == wc.num_tokens and len(one) == len(wc)
+
+
+def test_needle_loss_trains_every_reranker_weight():
+    cfg = cfg_(rerank_k=3)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=256, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=D))
+    gpt.init_weights()
+    obj = MCObjective(gpt, GistNet(D, cfg, 2), LensNet(D, cfg), cfg)
+    reranker = Reranker(D, cfg)
+    before = {k: v.clone() for k, v in reranker.state_dict().items()}
+    opt = torch.optim.AdamW(reranker.parameters(), lr=1e-2, weight_decay=0.0)
+    s, T = 160, 176
+    x = torch.randint(6, V, (2, T), generator=torch.Generator().manual_seed(1))
+    y = torch.full((2, T), -1)
+    y[:, s + 4:T - 1] = x[:, s + 5:T]
+    for step in range(2):  # c_proj starts at zero (identity blocks): the layers below it move from step 2
+        loss, metrics = needle_loss(obj, x, y, s, [[3], [9, 10]], np.random.default_rng(step), reranker=reranker)
+        assert "mc/lens_rerank_loss" in metrics and 0 <= metrics["mc/lens_rerank_hit"] <= 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = [k for k, v in reranker.state_dict().items() if not torch.equal(v, before[k])]
+    assert sorted(changed) == sorted(before)
+    _, metrics = needle_loss(obj, x, y, s, [[3], [9]], np.random.default_rng(0), reranker=None)
+    assert "mc/lens_rerank_loss" not in metrics
+
+
+def test_reranker_learns_which_block_the_question_asks_for():
+    """Four candidate blocks each hold one 'colour' token; the question holds one of them. A gist of the block
+    cannot say which colour was asked; the reranker reads both and must learn to match them."""
+    cfg = cfg_(rerank_k=4, rerank_dim=64, rerank_layers=2)
+    K, Q, C = cfg.block_size, 8, 4
+    torch.manual_seed(0)
+    wte = nn.Embedding(V, D)
+    net = Reranker(D, cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def example():
+        colours = torch.randperm(8, generator=gen)[:C] + 8  # tokens 8..15
+        ids = torch.randint(16, V, (C, Q + K), generator=gen)
+        for c in range(C):
+            ids[c, Q + int(torch.randint(0, K, (1,), generator=gen))] = colours[c]
+        target = int(torch.randint(0, C, (1,), generator=gen))
+        ids[:, int(torch.randint(0, Q, (1,), generator=gen))] = colours[target]  # the question names one
+        return ids, target
+
+    for _ in range(400):
+        batch = [example() for _ in range(8)]
+        loss = torch.stack([rerank_loss(net(ids, wte), t) for ids, t in batch]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = np.mean([int(net(ids, wte).argmax()) == t for ids, t in (example() for _ in range(200))])
+    assert acc >= 0.9, acc  # chance is 0.25
+
+
+def test_candidate_ids_are_question_then_raw_block():
+    cfg = cfg_()
+    K = cfg.block_size
+    ids = torch.arange(200) % V
+    reader, _ = reader_over(ids, cfg)
+    wc = start_wc(200, cfg.budget, cfg)
+    j = int(np.flatnonzero(wc.levels == 1)[4])
+    q = torch.tensor([1, 2, 3])
+    rows = candidate_ids(reader, wc, [j], q, K)
+    a = int(wc.indices[j]) * K
+    assert rows.tolist() == [[1, 2, 3] + ids[a:a + K].tolist()]
