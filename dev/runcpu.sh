@@ -24,7 +24,8 @@ RUN=${WANDB_RUN:-dummy}
 # an induction head. Pretraining runs the MC objective on 4 rows of every other batch with 4
 # counterfactual expansions per row (near 2x plain training on CPU). Midtraining starts with the copy
 # warm-up (random-token span copies until the GPT copies) and then spends 80 % of its batches on
-# needle tasks (pass keys twice as often as multi-key and key-value recall) and corpus text continued
+# needle tasks (multi-key twice as often as pass keys and key-value recall: the reranker learns from the
+# rows that only the question disambiguates) and corpus text continued
 # after a gisted history (plain LM through the MC objective) at 1-64x the budget. SFT
 # runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
 # the flag the GistNet/LensNet weights are carried through unchanged (speedrun.sh --mc trains them).
@@ -34,7 +35,7 @@ if [ "$MC" = 1 ]; then
   MC_BASE=(--mc --mc-budget 192 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
            --mc-train-plain-lm 0.5 --mc-train-rows 4)
   MC_MID=(--mc --mc-mix-multiples 1,4,16,64 --mc-mix-batch-size 16 --mc-mix-share 0.8 --mc-mix-warmup 0.4
-          --mc-warmup-rows-mult 2 --mc-mix-tasks passkey,passkey,multikey,kv_recall,text)
+          --mc-warmup-rows-mult 2 --mc-mix-tasks passkey,multikey,multikey,kv_recall,text)
 fi
 step() { echo; echo "=== $* ==="; }
 t0=$(date +%s)
