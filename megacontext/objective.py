@@ -452,14 +452,16 @@ def start_wc(num_tokens, budget, cfg):
     return coarsest_wc(num_tokens, cfg)
 
 
-def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
+def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4, rest=()):
     """
     Coarse-to-fine LensNet examples for one needle block (v2 prototype): `coarse` = the coarsest WC
     (target = the entry covering the block, a level-2 region or a level-1 gist); `fine` = its covering
     gists expanded down to level 1 (target = the block's level-1 gist); `redirect` = a WRONG level-2
     region expanded (target = the right region's level-2 entry: "look elsewhere"); `start` = where focus
-    starts at inference (`start_wc` at cfg.budget) when that is none of these. Returns [(wc, target)],
-    empty when the block lies in the raw tail.
+    starts at inference (`start_wc` at cfg.budget) when that is none of these; and for each block in
+    `rest` (the needle's other blocks, e.g. "The red key | is 12345."), `continue` = the start with
+    `block` opened, target = the entry covering that block. Returns [(wc, target)], empty when the
+    block lies in the raw tail.
     """
     K = cfg.block_size
     base = coarsest_wc(num_tokens, cfg)
@@ -482,6 +484,11 @@ def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4):
     first = start_wc(num_tokens, cfg.budget, cfg)
     if all(first != wc for wc, _ in out):
         out.append((first, entry_covering(first, block * K, K)))
+    opened = open_blocks(first, [block], cfg)
+    for other in rest:
+        j = entry_covering(opened, other * K, K)
+        if opened.levels[j] >= 1:
+            out.append((opened, j))
     return out
 
 
@@ -498,7 +505,8 @@ def question_end(labels, s, cfg):
 def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.0, gist_only=0.25, reranker=None):
     """
     One retrieval step on rows whose answer needs raw block blocks[b] of the history x[b, :s] (an int, or
-    a list of the blocks the answer spans: all are opened, LensNet is taught the first):
+    a list of the blocks the needle spans, the key's first: all are opened for the GPT; LensNet is taught
+    to find the first, then the others with the first open):
     GPT + GistNet learn to copy from gisted contexts with the needle opened (a share `gist_only` of
     rows gets a random level mix instead, so the GPT also sees contexts where it is missing), with an
     answer-weighted next-token loss (`weights` (B, m) on the target segment, default 1); LensNet
@@ -528,7 +536,7 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
                 # where the WC covers everything before the answer: a multi-key question names its key
                 q = question_end(y[b], s, cfg)
                 rd = readers[b].with_tokens(x[b, :q]) if q > s else readers[b]
-                for lw, t in lens_curriculum(q, need[0], cfg, rng):
+                for lw, t in lens_curriculum(q, need[0], cfg, rng, rest=need[1:]):
                     lens_wcs.append(lw)
                     lens_rd.append(rd)
                     lens_tg.append(t)
@@ -553,7 +561,7 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
         if reranker is not None and cfg.rerank_k > 0:
             with timer("rerank"):
                 r_loss, r_hit = rerank_step(reranker, obj.wte, x, scores.detach(), legal, lens_wcs, lens_rd, lens_tg,
-                                            lens_row, cfg, rng)
+                                            lens_row, cfg)
             if r_loss is not None:
                 loss = loss + lens_weight * r_loss
                 metrics.update({"mc/lens_rerank_loss": r_loss.detach(), "mc/lens_rerank_hit": r_hit})
@@ -562,36 +570,34 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     return loss, metrics
 
 
-def rerank_step(reranker, wte, x, z, legal, wcs, readers, targets, rows, cfg, rng):
-    """The reranker's listwise loss over LensNet's top-k level-1 shortlist, on one LensNet example per row
-    whose target is a level-1 gist (drawn at random among them). The answer's block is added when LensNet
-    missed it; blocks that hold the rest of a split answer are left out (they are not wrong). Returns
-    (mean loss, hit rate) or (None, None) when no row has such an example."""
+def rerank_step(reranker, wte, x, z, legal, wcs, readers, targets, rows, cfg):
+    """The reranker's listwise loss over LensNet's top-k level-1 shortlist, on every LensNet example whose
+    target is a level-1 gist (it learns slowly: a plateau near chance before it binds question and block,
+    tests/test_reranker.py). The target's block is added when LensNet missed it; the needle's other blocks
+    are left out (they are not wrong). Returns (mean loss, hit rate) or (None, None) without such examples."""
     K, Q = cfg.block_size, question_len(cfg)
-    by_row = {}
+    cands, answers = [], []
     for r, (wc, t) in enumerate(zip(wcs, targets)):
-        if wc.levels[t] == 1:
-            by_row.setdefault(rows[r][0], []).append(r)
-    losses, hits = [], []
-    for b, cands in by_row.items():
-        r = cands[int(rng.integers(len(cands)))]
-        wc, t, (_, q, need) = wcs[r], targets[r], rows[r]
+        if wc.levels[t] != 1:
+            continue
+        b, q, need = rows[r]
         ok = legal[r, :len(wc)].cpu().numpy().copy()  # a copy: the LensNet loss saved `legal` for backward
-        for blk in need[1:]:
-            ok[entry_covering(wc, blk * K, K)] = False
+        for blk in need:
+            j = entry_covering(wc, blk * K, K)
+            ok[j] &= j == t  # the needle's other blocks are not wrong answers: leave them out
         short = list(shortlist(z[r, :len(wc)].float().cpu().numpy(), wc, cfg.rerank_k, ok))
         if t not in short:
             short[-1:] = [t]
         if len(short) < 2:
             continue
-        ids = candidate_ids(readers[r], wc, short, x[b, q - Q:q], K)
-        logits = reranker(ids, wte)
-        target = short.index(t)
-        losses.append(rerank_loss(logits, target))
-        hits.append(float(int(logits.argmax()) == target))
-    if not losses:
+        cands.append(candidate_ids(readers[r], wc, short, x[b, q - Q:q], cfg))
+        answers.append(short.index(t))
+    if not cands:
         return None, None
-    return torch.stack(losses).mean(), sum(hits) / len(hits)
+    logits = reranker(torch.cat(cands), wte).split([c.size(0) for c in cands])  # one forward for all
+    losses = torch.stack([rerank_loss(lg, a) for lg, a in zip(logits, answers)])
+    hits = [float(int(lg.argmax()) == a) for lg, a in zip(logits, answers)]
+    return losses.mean(), sum(hits) / len(hits)
 
 
 # -----------------------------------------------------------------------------

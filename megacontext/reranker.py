@@ -9,11 +9,14 @@ salient), while a small cross-encoder over [question | raw block] learned it in 
 (v3: 100 %). LensNet keeps the cheap part, salience over the whole memory; the reranker pays k short
 forwards per refocus.
 
-One candidate is the token sequence [question (Q tokens) | block (K tokens)], Q = max(tail_tokens, K):
-the newest tokens of the present, which hold the question. Tokens are read through the GPT's token
-embedding, detached (the reranker's loss does not move the GPT's vocabulary), projected to rerank_dim,
-plus a segment embedding (question / block), then `rerank_layers` non-causal nanochat Blocks with RoPE
-over the joint sequence; score = a linear read of the mean encoding.
+One candidate is the token sequence [question (Q tokens) | margin | block (K tokens) | margin],
+Q = max(tail_tokens, K): the newest tokens of the present, which hold the question; the margins are the
+K/2 tokens on either side of the block, so that a needle cut by a block boundary ("The red key | is
+12345.") is still read whole, and the block whose core holds it can still be told apart. Tokens are read
+through the GPT's token embedding, detached (the reranker's loss does not move the GPT's vocabulary),
+projected to rerank_dim, plus a segment embedding (question / margin / block / padding beyond the
+history), then `rerank_layers` non-causal nanochat Blocks with RoPE over the joint sequence; score = a
+linear read of the mean encoding.
 """
 import math
 
@@ -28,9 +31,22 @@ from megacontext.working_context import entry_spans
 HEAD_DIM = 32
 
 
+PAD = -1  # a position of a margin that lies outside the history
+
+
 def question_len(cfg):
     """Q: how many of the newest tokens the reranker reads as the question."""
     return max(cfg.tail_tokens, cfg.block_size)
+
+
+def margin(cfg):
+    """Tokens read on each side of a candidate block."""
+    return cfg.block_size // 2
+
+
+def segments(Q, K, m, device):
+    """Segment ids of one [question | margin | block | margin] row: 0 question, 1 margin, 2 block."""
+    return torch.tensor([0] * Q + [1] * m + [2] * K + [1] * m, device=device)
 
 
 class Reranker(nn.Module):
@@ -39,7 +55,7 @@ class Reranker(nn.Module):
         self.cfg = cfg
         d = cfg.rerank_dim
         self.in_proj = nn.Linear(n_embd, d, bias=False)
-        self.segment = nn.Embedding(2, d)
+        self.segment = nn.Embedding(4, d)  # question, margin, block, padding
         n_head = max(1, d // HEAD_DIM)
         bcfg = GPTConfig(n_embd=d, n_head=n_head, n_kv_head=n_head, n_layer=cfg.rerank_layers)
         self.blocks = nn.ModuleList([Block(bcfg, i) for i in range(cfg.rerank_layers)])
@@ -58,24 +74,32 @@ class Reranker(nn.Module):
         nn.init.zeros_(self.out.bias)                                                # every gradient below it
 
     def forward(self, ids, wte):
-        """ids (C, Q + K) long: [question | block] per candidate -> (C,) logits (higher: expand this one)."""
+        """ids (C, Q + K + 2m) long: [question | margin | block | margin] per candidate (PAD outside the
+        history) -> (C,) logits (higher: expand this one)."""
         C, T = ids.shape
-        Q = T - self.cfg.block_size
-        x = wte(ids).detach().to(self.in_proj.weight.dtype)
-        seg = torch.cat([torch.zeros(Q, dtype=torch.long), torch.ones(T - Q, dtype=torch.long)]).to(ids.device)
-        h = norm(self.in_proj(norm(x))) + self.segment(seg)[None]
+        K, m = self.cfg.block_size, margin(self.cfg)
+        pad = ids == PAD
+        x = wte(ids.clamp_min(0)).detach().to(self.in_proj.weight.dtype)
+        seg = torch.where(pad, 3, segments(T - K - 2 * m, K, m, ids.device)[None])
+        h = norm(self.in_proj(norm(x))) + self.segment(seg)
         cos_sin = rope_cos_sin(torch.arange(T, device=ids.device)[None].expand(C, T), self.head_dim)
         for block in self.blocks:
             h = block(h, cos_sin, causal=False)
         return self.out(norm(h).mean(1)).squeeze(-1)
 
 
-def candidate_ids(reader, wc, entries, question, K):
-    """(C, Q + K) [question | raw block] rows for the level-1 gists `entries` of wc; question: (Q,) ids."""
+def candidate_ids(reader, wc, entries, question, cfg):
+    """(C, Q + K + 2m) [question | margin | raw block | margin] rows for the level-1 gists `entries` of wc
+    (margin positions outside the reader's tokens are PAD); question: (Q,) ids."""
+    K, m, n = cfg.block_size, margin(cfg), reader.num_tokens
     starts, _ = entry_spans(wc, K)
-    blocks = [reader.tokens(int(starts[j]), int(starts[j]) + K) for j in entries]
-    q = question.to(blocks[0].device)
-    return torch.stack([torch.cat([q, b]) for b in blocks])
+    rows = []
+    for j in entries:
+        a, b = int(starts[j]) - m, int(starts[j]) + K + m
+        win = reader.tokens(max(a, 0), min(b, n))
+        q = question.to(win.device)
+        rows.append(torch.cat([q, win.new_full((max(0, -a),), PAD), win, win.new_full((max(0, b - n),), PAD)]))
+    return torch.stack(rows)
 
 
 def shortlist(scores, wc, k, legal=None):
@@ -102,7 +126,7 @@ def rerank_scores(scores, wc, reader, reranker, wte, cfg):
     question = reader.tokens(max(0, n - question_len(cfg)), n)
     if question.numel() < question_len(cfg):  # a history shorter than the question (tiny budgets)
         return out
-    logits = reranker(candidate_ids(reader, wc, short, question, cfg.block_size), wte)
+    logits = reranker(candidate_ids(reader, wc, short, question, cfg), wte)
     order = short[torch.argsort(logits.float().cpu(), descending=True, stable=True).numpy()]
     out[order] = out[short]  # short is sorted best first: the reranker's i-th choice gets LensNet's i-th score
     return out

@@ -126,6 +126,17 @@ def setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.
 # gradient averaging across ranks (DDP without the wrapper)
 
 @torch.no_grad()
+def clip_grads(modules, max_norm):
+    """
+    Clip the grad norm of each module on its own (the GPT, GistNet, LensNet, the reranker) and return the
+    norm over all of them before clipping (for the log). One global clip would let the largest gradients
+    (the GPT's LM loss) scale every small net's step down with them: the reranker, whose loss is a small
+    listwise CE, barely moved under a global clip of 1.0 in midtraining (dev/LOG.md, 2026-11-22).
+    """
+    norms = [torch.nn.utils.clip_grad_norm_(list(m.parameters()), max_norm) for m in modules]
+    return float(torch.stack([n.float() for n in norms]).pow(2).sum().sqrt()) if norms else 0.0
+
+
 def sync_grads(params, bucket_numel=2**24):
     """
     Average .grad over all ranks (no-op without an initialised process group or with one rank).

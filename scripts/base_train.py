@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0, print_line,
                              autocast_ctx, init_wandb)
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.optim import setup_optimizers, sync_grads
+from nanochat.optim import clip_grads, setup_optimizers, sync_grads
 from nanochat.checkpoint_manager import save_checkpoint, save_meta, load_checkpoint, find_last_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
@@ -70,7 +70,8 @@ def get_args(argv=None):
     p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (scaled likewise)")
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the grad norm of each net (GPT, GistNet, LensNet, reranker) on its own (0: off)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps with linear LR warmup")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of final steps with linear LR decay")
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the peak")
@@ -90,7 +91,7 @@ def get_args(argv=None):
 
 
 MC_LOG_KEYS = ("mc/loss", "mc/lens_loss", "mc/lens_agreement", "mc/delta_nll", "mc/budget_utilization",
-               "mc/needle_lm", "mc/lens_hit")
+               "mc/needle_lm", "mc/lens_hit", "mc/lens_rerank_hit")
 
 
 def mc_log_line(means):
@@ -358,7 +359,7 @@ def _train(args, ddp, rank, world_size, device):
             sync_grads(all_params)
         grad_norm = None
         if args.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip).item()
+            grad_norm = clip_grads([orig_model, *extra_modules.values()], args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:

@@ -45,7 +45,7 @@ from nanochat.common import (UserError, run_main, run_distributed, get_base_dir,
                              autocast_ctx, init_wandb)
 from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import setup_optimizers, sync_grads
+from nanochat.optim import clip_grads, setup_optimizers, sync_grads
 from scripts.base_train import muon_momentum, all_reduce_mean, mc_log_line, mc_report_rows
 from megacontext.config import add_mc_args
 from megacontext.telemetry import MetricWindow, for_wandb
@@ -76,7 +76,8 @@ def get_args(argv=None):
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init-lr-frac", type=float, default=1.0, help="LR as a fraction of the base LRs")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the grad norm of each net (GPT, GistNet, LensNet, reranker) on its own (0: off)")
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
     p.add_argument("--seed", type=int, default=42)
@@ -305,7 +306,7 @@ def _train(args, ddp, rank, world_size, device):
         if ddp:
             sync_grads(all_params)
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip)
+            clip_grads([orig_model, *extra_modules.values()], args.grad_clip)
         frac = step / num_iterations if num_iterations > 0 else progress
         lrm = lr_multiplier(frac)
         for opt in optimizers:

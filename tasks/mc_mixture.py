@@ -6,9 +6,9 @@ Every row of a batch has a history of exactly s tokens (block-aligned, s = multi
 target segment [s, T) holding the question and its answer; labels (y) are only on the answer tokens
 (for chats: on the assistant's reply), so the loss, the counterfactual delta_nll and LensNet's
 labels all measure "did the history deliver the fact". Rows are right-padded with BOS (label -1).
-`blocks[r]` lists the history blocks (K-token, aligned) that hold row r's answer (the asked key's
-digits), or is None where no single place holds it (chats, copy rows): the needle recipe
-(objective.needle_loss) opens these blocks and teaches LensNet to find them.
+`blocks[r]` lists the history blocks (K-token, aligned) that hold row r's needle (the asked key's
+digits first, then the rest of its sentence), or is None where no single place holds it (chats, copy
+rows): the needle recipe (objective.needle_loss) opens these blocks and teaches LensNet to find them.
 
     mix = MCMixture(tokenizer, cfg, filler_text)
     b = mix.batch(B, rng)                 # a long-context batch, history = m x budget (fewer rows if m > 4)
@@ -58,6 +58,13 @@ def load_filler(max_chars=400_000):
     if not parts:
         raise UserError("--mc midtraining needs filler text but the train shards are empty")
     return "\n\n".join(parts)
+
+
+def needle_blocks(key, needle, K):
+    """The K-token blocks a needle touches, the key's first: the GPT copies the key with its label ("The red
+    key is") in view only when all of them are raw, and focus finds the key's block first."""
+    kb = list(range(key[0] // K, (key[1] - 1) // K + 1))
+    return kb + [j for j in range(needle[0] // K, (needle[1] - 1) // K + 1) if j not in kb]
 
 
 def _labels_on(ids, a, b):
@@ -122,7 +129,7 @@ class MCMixture:
         assert ex.question_start == s, (ex.question_start, s)
         a, b = ex.key_spans[0] if ex.key_spans else key_span(ex.ids, ex.needle_spans[0],
                                                                     list(self.tok.encode(ex.answer.strip())))
-        return ex.ids, ex.answer_span, list(range(a // self.K, (b - 1) // self.K + 1))
+        return ex.ids, ex.answer_span, needle_blocks((a, b), ex.needle_spans[0], self.K)
 
     def _chat_row(self, s, rng):
         """A Memory conversation whose filler turns fill about s tokens; everything before the last

@@ -190,10 +190,14 @@ def test_mixture_rows_label_the_answer(tiny_base_env):
                 assert answer in tok.decode(x[r].tolist())
                 continue
             assert re.fullmatch(r" \d{5}\.", answer), answer  # the key and the "." that ends it
-            # the answer's blocks hold its digits (and, for a pass key, one block holds them all)
-            held = tok.decode(x[r, b.blocks[r][0] * K:(b.blocks[r][-1] + 1) * K].tolist())
-            assert answer.strip(" .") in held and b.blocks[r][-1] * K < s
-            assert task != "passkey" or len(b.blocks[r]) == 1
+            # the needle's blocks: contiguous, inside the history, holding the whole needle (its label and
+            # key); the key's block comes first, and for a pass key it holds every digit
+            blk = b.blocks[r]
+            assert sorted(blk) == list(range(min(blk), max(blk) + 1)) and max(blk) * K < s
+            held = tok.decode(x[r, min(blk) * K:(max(blk) + 1) * K].tolist())
+            assert re.search(r"(key is|->) " + answer.strip(" ."), held), (held, answer)
+            first = tok.decode(x[r, blk[0] * K:(blk[0] + 1) * K].tolist())
+            assert task != "passkey" or answer.strip(" .") in first
     for _ in range(6):  # the warm-up: 2-block histories here (B_h = 64 fits two raw blocks)
         b = mix.batch(2, rng, warmup=True)
         x, y, s = b.x, b.y, b.s
