@@ -1,5 +1,5 @@
 """
-A standalone CPU experiment for the MegaContext retrieval recipe (megacontext/objective.py): a tiny
+A standalone CPU experiment for the MegaContext retrieval recipe (megacontext/retrieval.py): a tiny
 char-level GPT + GistNet + LensNet (the project's modules) on passkey examples (tasks/longctx.py) and
 plain-text LM in natural-text filler (Python's own pydoc topics, shipped with the interpreter: no
 download). Phases: (1) copy warm-up on short all-raw rows until short-copy exact match passes
@@ -26,8 +26,9 @@ import torch
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
-from megacontext.objective import (MCObjective, coarsest_wc, expand, gist_substitutability, lens_pair_agreement,
-                                   needle_loss, open_blocks, pack, raw_suffix_part, wc_part)
+from megacontext.objective import (MCObjective, coarsest_wc, expand, gist_substitutability, lens_pair_agreement, pack,
+                                   raw_suffix_part, wc_part)
+from megacontext.retrieval import needle_loss, open_blocks
 from megacontext.working_context import wc_cost
 from megacontext.telemetry import MetricWindow, format_metrics
 from nanochat.common import UserError, run_main

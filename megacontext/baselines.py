@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
 from megacontext.gistnet import GistLevels, build_gists
-from megacontext.objective import expand, start_wc
+from megacontext.objective import expand
+from megacontext.retrieval import start_wc
 from megacontext.reranker import rerank_scores
 from megacontext.positions import wc_positions
 from megacontext.working_context import (all_raw, entry_spans, recency_pyramid, wc_cost, wc_slot_embeddings)

@@ -17,7 +17,8 @@ import numpy as np
 from megacontext.config import MCConfig, mc_config_from_args
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
-from megacontext.objective import MCObjective, needle_loss
+from megacontext.objective import MCObjective
+from megacontext.retrieval import needle_loss
 from megacontext.reranker import Reranker
 from nanochat.common import UserError
 
@@ -135,7 +136,7 @@ class MCTrainer:
         return np.random.default_rng([self.seed, self.rank, step, micro])
 
     def needle(self, batch, step, micro=0):
-        """The retrieval recipe (objective.needle_loss) on a long-context batch whose answer blocks are
+        """The retrieval recipe (retrieval.needle_loss) on a long-context batch whose answer blocks are
         known (tasks/mc_mixture.MCBatch with blocks on every row)."""
         return needle_loss(self.split_objective, batch.x, batch.y, batch.s, batch.blocks, self.rng(step, micro),
                            reranker=self.nets.get("reranker"))

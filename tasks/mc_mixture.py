@@ -8,7 +8,7 @@ target segment [s, T) holding the question and its answer; labels (y) are only o
 labels all measure "did the history deliver the fact". Rows are right-padded with BOS (label -1).
 `blocks[r]` lists the history blocks (K-token, aligned) that hold row r's needle (the asked key's
 digits first, then the rest of its sentence), or is None where no single place holds it (chats, copy
-rows): the needle recipe (objective.needle_loss) opens these blocks and teaches LensNet to find them.
+rows): the needle recipe (retrieval.needle_loss) opens these blocks and teaches LensNet to find them.
 
     mix = MCMixture(tokenizer, cfg, filler_text)
     b = mix.batch(B, rng)                 # a long-context batch, history = m x budget (fewer rows if m > 4)

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
-from megacontext.objective import (MCObjective, coarsest_wc, entry_covering, expand, focus_wc, gist_substitutability,
-                                   lens_curriculum, lens_loss, lens_pair_agreement, lens_target_loss, lens_targets,
-                                   needle_loss, needle_variant, open_blocks, pack, pair_agreement, random_mix,
-                                   raw_suffix_part, row_nll, split_point, start_wc, wc_part, weighted_target_nll)
+from megacontext.objective import (MCObjective, coarsest_wc, expand, focus_wc, gist_substitutability, lens_loss,
+                                   lens_pair_agreement, lens_targets, pack, pair_agreement, random_mix, raw_suffix_part,
+                                   row_nll, split_point, wc_part)
+from megacontext.retrieval import (entry_covering, lens_curriculum, lens_target_loss, needle_loss, needle_variant,
+                                   open_blocks, start_wc, weighted_target_nll)
 from megacontext.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
 from megacontext.working_context import check_invariants, wc_cost
 from nanochat.gpt import GPT, GPTConfig
@@ -296,7 +297,7 @@ def test_needle_loss_trains_every_module_and_learns_a_fixed_needle():
 def test_question_end_and_readers_over_the_question():
     """LensNet's needle examples cover history + question (the question in the raw tail), as at inference."""
     from megacontext.gistnet import GistLevels
-    from megacontext.objective import question_end
+    from megacontext.retrieval import question_end
     cfg = MCConfig(block_size=8, max_level=2, budget=64, tail_tokens=8)
     s = 32
     y = torch.full((50,), -1)

@@ -9,7 +9,8 @@ from megacontext.baselines import lens_focus, span_is_raw
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.lensnet import LensNet
-from megacontext.objective import MCObjective, needle_loss, start_wc
+from megacontext.objective import MCObjective
+from megacontext.retrieval import needle_loss, start_wc
 from megacontext.reranker import PAD, Reranker, candidate_ids, margin, rerank_scores, shortlist
 from nanochat.gpt import GPT, GPTConfig
 
