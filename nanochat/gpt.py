@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+SMEAR = 2  # how many inputs before each position the smear mixes into it (see GPT.__init__)
+
 
 @dataclass
 class GPTConfig:
@@ -76,7 +78,7 @@ def apply_rotary_emb(x, cos, sin):
 class KVCache:
     """
     Per-layer keys/values of everything seen so far, (B, H_kv, T, D) per layer, grown on demand,
-    and the input embeddings (B, T, d) (the smear of the next input reads the previous one).
+    and the input embeddings (B, T, d) (the smear of the next inputs reads the two before them).
     `truncate(n)` drops every entry from position n on: the MegaContext runtime uses it to keep
     the K/V of slots before the first edited working-context entry and recompute the rest.
     """
@@ -101,14 +103,15 @@ class KVCache:
             self.emb = torch.cat([self.emb, self.emb.new_zeros(self.emb.size(0), new_cap - cap, self.emb.size(2))], 1)
 
     def insert_emb(self, x):
-        """Store the inputs x (B, T, d) at positions pos..pos+T; return the input before them (B, 1, d),
-        zeros at position 0."""
+        """Store the inputs x (B, T, d) at positions pos..pos+T; return the SMEAR inputs before them
+        (B, SMEAR, d), zeros before position 0."""
         if self.emb is None:
             self.emb = x.new_zeros(x.size(0), self.k.size(3), x.size(2))
         t0 = self.pos
         self._grow(t0 + x.size(1))
         self.emb[:, t0:t0 + x.size(1)] = x
-        return self.emb[:, t0 - 1:t0] if t0 > 0 else x.new_zeros(x.size(0), 1, x.size(2))
+        before = self.emb[:, max(t0 - SMEAR, 0):t0]
+        return torch.cat([x.new_zeros(x.size(0), SMEAR - before.size(1), x.size(2)), before], dim=1)
 
     def insert_kv(self, layer_idx, k, v):
         t0, t1 = self.pos, self.pos + k.size(2)
@@ -218,11 +221,13 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # smear (token shift): input t += smear * input t-1, a per-channel gate that starts at 0. It hands
-        # every position its predecessor, so one attention layer can match "the token before j" and copy
-        # (an induction head); without it a small GPT needs a previous-token head first, and at depth 2
-        # on CPU that circuit did not form in 500 midtraining steps (dev/LOG.md, 2026-11-22).
-        self.smear = nn.Parameter(torch.zeros(config.n_embd))
+        # smear (token shift): input t += smear[i] * input t-1-i for the SMEAR inputs before it, per-channel
+        # gates that start at 0. It hands every position its predecessors, so one attention layer can match
+        # "the tokens before j" and copy (an induction head); without it a small GPT needs a previous-token
+        # head first, and at depth 2 on CPU that circuit did not form in 500 midtraining steps. Two, not
+        # one: with one-digit tokens, a key such as 68788 has two 8s, and "the token after the 8" is
+        # ambiguous; most copying errors of the runcpu model were such (dev/LOG.md, 2026-11-22).
+        self.smear = nn.Parameter(torch.zeros(SMEAR, config.n_embd))
 
     @property
     def head_dim(self):
@@ -268,8 +273,10 @@ class GPT(nn.Module):
             t0 = kv_cache.pos if kv_cache is not None else 0
             pos = torch.arange(t0, t0 + T, device=x.device)[None, :].expand(B, T)
         cos_sin = rope_cos_sin(pos, self.head_dim, self.config.rope_base, pos_sigma)
-        first = kv_cache.insert_emb(x) if kv_cache is not None else x.new_zeros(B, 1, x.size(2))
-        x = x + self.smear.to(x.dtype) * torch.cat([first, x[:, :-1]], dim=1)
+        before = kv_cache.insert_emb(x) if kv_cache is not None else x.new_zeros(B, SMEAR, x.size(2))
+        ctx = torch.cat([before, x], dim=1)  # (B, SMEAR + T, d)
+        gate = self.smear.to(x.dtype)
+        x = x + sum(gate[i] * ctx[:, SMEAR - 1 - i:SMEAR - 1 - i + T] for i in range(SMEAR))
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
