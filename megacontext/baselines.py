@@ -275,6 +275,6 @@ def answer_matches(text, answer):
     return not rest or not rest[0].isalnum()
 
 
-__all__ = ["Models", "METHODS", "MC_METHODS", "SINKS", "Context", "shared_length", "raw_context", "truncation", "sink_window",
-           "MeanPool", "mean_pool_reader", "wc_context", "lens_focus", "pyramid_or_raw", "span_is_raw",
+__all__ = ["Models", "METHODS", "MC_METHODS", "SINKS", "Context", "shared_length", "raw_context", "truncation",
+           "sink_window", "MeanPool", "mean_pool_reader", "wc_context", "lens_focus", "pyramid_or_raw", "span_is_raw",
            "build_contexts", "greedy_decode", "continuation_nll", "answer_matches"]

@@ -94,7 +94,7 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
     from tqdm import tqdm
     from megacontext.objective import MCObjective, gist_substitutability, lens_pair_agreement
     from nanochat.common import autocast_ctx
-    gpt, gistnet, lensnet, tok, cfg = models[:5]
+    gpt, gistnet, lensnet, tok, cfg = models.gpt, models.gistnet, models.lensnet, models.tok, models.cfg
     seq_len = gpt.config.sequence_len
     out = {"level_1": None, "level_2": None, "lens": None}
     if gistnet is None:

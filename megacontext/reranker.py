@@ -29,8 +29,6 @@ from nanochat.gpt import Block, GPTConfig, init_transformer_weights, norm, rope_
 from megacontext.working_context import entry_spans
 
 HEAD_DIM = 32
-
-
 PAD = -1  # a position of a margin that lies outside the history
 
 
