@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
-from megacontext.gistnet import GistLevels, build_gists
+from megacontext.gistnet import GistLevels, at_children_scale, build_gists
 from megacontext.objective import expand
 from megacontext.retrieval import start_wc
 from megacontext.reranker import rerank_scores
@@ -107,13 +107,14 @@ def sink_window(ids, length, wte, sinks=SINKS):
 # working-context baselines
 
 class MeanPool:
-    """A stand-in for GistNet: a gist is the mean of its K children (levels > 1: means of means)."""
+    """A stand-in for GistNet: a gist is the mean of its K children (levels > 1: means of means), at their
+    scale (an untrained GistNet exactly)."""
 
     def __init__(self, max_level):
         self.max_level = max_level
 
     def __call__(self, x, level):
-        return x.mean(dim=1)
+        return at_children_scale(x.mean(dim=1), x)
 
 
 @torch.no_grad()
@@ -123,7 +124,8 @@ def mean_pool_reader(ids, wte, cfg, chunk=1 << 16):
     ids_t = torch.as_tensor(ids, dtype=torch.long, device=w.device)
     n = ids_t.numel() // K * K
     chunk = max(K, chunk // K * K)
-    l1 = [wte(ids_t[a:min(a + chunk, n)]).float().view(-1, K, w.size(1)).mean(1) for a in range(0, n, chunk)]
+    pool = MeanPool(cfg.max_level)
+    l1 = [pool(wte(ids_t[a:min(a + chunk, n)]).float().view(-1, K, w.size(1)), 1) for a in range(0, n, chunk)]
     l1 = torch.cat(l1) if l1 else torch.zeros(0, w.size(1), device=w.device)
     levels = [None, l1] + build_gists(MeanPool(cfg.max_level), l1, cfg, max_level=cfg.max_level - 1)[1:]
     return GistLevels(ids_t, levels)

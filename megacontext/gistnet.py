@@ -3,14 +3,21 @@ GistNet: compresses 32 entries of level L-1 (the GPT's token embeddings for L=1,
 into one gist in the GPT's embedding space.
 
     x (G, K, d) + level embedding -> n blocks, bidirectional attention inside the group
-    (RoPE positions 0..K-1) -> pool (mean, or learned-query attention) -> residual head -> (G, d)
+    (RoPE positions 0..K-1) -> pool (mean, or learned-query attention) -> residual head
+    -> RMS-normalized and rescaled to the RMS of its children -> (G, d)
 
 One module serves every level; the level embedding tells them apart. At init every residual
 branch, the level embedding, the pooling query and the head are zero, so an untrained GistNet is
-exactly a mean pool of its children: a sensible gist from step 0, which training then improves.
+exactly a mean pool of its children at their scale: a sensible gist from step 0, which training then improves.
+
+Why the rescale: nothing else bounds a gist's norm (the GPT normalizes its inputs), and without it gists
+grew to ~100x the token embeddings' RMS in midtraining (RMS ~1000, entries up to ~8700: dev/LOG.md). That
+broke two things: the GPT's smear mixes neighbouring inputs before its norm, so a gist drowned the raw
+tokens after it (the first tokens of an opened block), and float16 tree rows lost the precision LensNet
+reads (and would overflow at 65504 with longer training). At the children's scale a gist weighs like a token.
 
 Also here: `build_gists` (all levels of one history, batched, differentiable, for training),
-`GistLevels` (the tree reader protocol over that output) and `gistnet_fingerprint`.
+`GistLevels` (the tree reader protocol over that output), `gistnet_fingerprint` and `at_children_scale`.
 """
 import hashlib
 import json
@@ -19,6 +26,11 @@ import torch
 import torch.nn as nn
 
 from nanochat.gpt import Block, GPTConfig, init_transformer_weights, norm, rope_cos_sin
+
+
+def at_children_scale(g, children):
+    """g (G, d) RMS-normalized and rescaled to the RMS of its children (G, K, d): see the module docstring."""
+    return norm(g) * children.float().pow(2).mean(dim=(1, 2)).sqrt()[:, None].to(g.dtype)
 
 
 class GistNet(nn.Module):
@@ -66,6 +78,7 @@ class GistNet(nn.Module):
         if not isinstance(level, int) or not 1 <= level <= self.max_level:
             raise ValueError(f"GistNet level must be an int in 1..{self.max_level}, got {level!r}")
         w = self.level_emb.weight
+        x_in = x
         x = x.to(w.dtype) + w[level]
         cos_sin = self._cos_sin(x.device)
         for block in self.blocks:
@@ -75,7 +88,7 @@ class GistNet(nn.Module):
         else:
             scores = (norm(x) @ self.pool_query) / self.n_embd ** 0.5  # (G, K)
             pooled = (scores.softmax(dim=1)[..., None] * x).sum(dim=1)
-        return pooled + self.head(norm(pooled))
+        return at_children_scale(pooled + self.head(norm(pooled)), x_in)
 
 
 def build_gists(gistnet, token_embeds, cfg, max_level=None, max_batch=None):

@@ -27,11 +27,25 @@ def randomize(gistnet, seed=0):
 
 @pytest.mark.parametrize("pool", ["mean", "attn"])
 def test_untrained_gistnet_is_exact_mean_pool(pool):
+    """A mean pool rescaled to the RMS of its children (per group): gists weigh like the tokens they replace."""
     torch.manual_seed(0)
     net = GistNet(D, make_cfg(gist_pool=pool, gist_layers=2), n_head=2)
-    x = torch.randn(7, 32, D)
+    x = torch.randn(7, 32, D) * torch.linspace(0.1, 50, 7)[:, None, None]  # groups at very different scales
+    rms = x.pow(2).mean(dim=(1, 2)).sqrt()[:, None]
+    mean = x.mean(dim=1)
     for level in (1, 2, 3):
-        torch.testing.assert_close(net(x, level), x.mean(dim=1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(net(x, level), mean / mean.pow(2).mean(1, keepdim=True).sqrt() * rms,
+                                   rtol=1e-3, atol=1e-4)  # rms_norm's eps
+
+
+def test_trained_gists_stay_at_their_childrens_scale():
+    """Nothing downstream bounds a gist's norm (the GPT normalizes its inputs): GistNet does, whatever its weights."""
+    net = randomize(GistNet(D, make_cfg(gist_layers=2), n_head=2))
+    with torch.no_grad():
+        net.head.weight.mul_(1000)
+    x = torch.randn(5, 32, D) * 3
+    g = net(x, 1)
+    torch.testing.assert_close(g.pow(2).mean(1).sqrt(), x.pow(2).mean(dim=(1, 2)).sqrt())
 
 
 def test_input_validation():

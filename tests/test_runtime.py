@@ -95,7 +95,7 @@ def test_long_prompt_is_answered_within_budget_and_decoding_is_exact(tok, tiny_d
     assert s.edit_count > 0 and s.kv.syncs > 30
     # decode is incremental: far fewer slots computed than one full recompute per token
     assert s.kv.recomputed < s.kv.syncs * s.cfg.budget / 2
-    assert s.stats()["level_counts"].get(3, 0) > 0  # a ~10k-token history reaches level 3 at K=4
+    assert max(s.stats()["level_counts"]) >= 3  # a ~10k-token history reaches level 3 or above at K=4
 
 
 def test_nll_matches_reference_and_does_not_append(tok, tiny_docs):
