@@ -15,8 +15,14 @@ K/2 tokens on either side of the block, so that a needle cut by a block boundary
 12345.") is still read whole, and the block whose core holds it can still be told apart. Tokens are read
 through the GPT's token embedding, detached (the reranker's loss does not move the GPT's vocabulary),
 projected to rerank_dim, plus a segment embedding (question / margin / block / padding beyond the
-history), then `rerank_layers` non-causal nanochat Blocks with RoPE over the joint sequence; score = a
+history) and an exact-match embedding (`match_flags`: does this token, or a bigram through it, occur in the
+question), then `rerank_layers` non-causal nanochat Blocks with RoPE over the joint sequence; score = a
 linear read of the mean encoding.
+
+Why exact-match flags (as DrQA's reader and lexical rerankers use): the binding "the block says red key where
+the question says red key" is a comparison of token identities across the two segments. Learned from the
+embeddings alone it sat at chance over whole midtraining runs (dev/LOG.md, session 3): the decoys share the
+asked colour, the other needles share "key is", and only the bigram through both tells them apart.
 """
 import math
 
@@ -42,6 +48,24 @@ def margin(cfg):
     return cfg.block_size // 2
 
 
+def match_flags(ids, Q):
+    """
+    (C, T) long exact-match flags of [question (Q) | rest] rows: for each token after the question, 2 if a
+    bigram through it (with the token before or after) occurs in the row's question, else 1 if the token
+    itself occurs there, else 0. Question and PAD positions are 0.
+    """
+    q, r = ids[:, :Q], ids[:, Q:]
+    ok = r != PAD
+    uni = ((r[:, :, None] == q[:, None, :]) & (q != PAD)[:, None, :]).any(-1) & ok
+    bi = ((r[:, 1:, None] == q[:, None, 1:]) & (r[:, :-1, None] == q[:, None, :-1])
+          & (q[:, None, 1:] != PAD)).any(-1) & ok[:, 1:] & ok[:, :-1]  # bigram (r[j], r[j+1]) is in q
+    two = torch.zeros_like(ok)
+    two[:, 1:] |= bi   # the bigram's second token
+    two[:, :-1] |= bi  # and its first
+    flags = torch.where(two, 2, uni.long())
+    return torch.cat([torch.zeros_like(q), flags], dim=1)
+
+
 def segments(Q, K, m, device):
     """Segment ids of one [question | margin | block | margin] row: 0 question, 1 margin, 2 block."""
     return torch.tensor([0] * Q + [1] * m + [2] * K + [1] * m, device=device)
@@ -54,6 +78,7 @@ class Reranker(nn.Module):
         d = cfg.rerank_dim
         self.in_proj = nn.Linear(n_embd, d, bias=False)
         self.segment = nn.Embedding(4, d)  # question, margin, block, padding
+        self.match = nn.Embedding(3, d)    # no match, token in the question, bigram in the question
         n_head = max(1, d // HEAD_DIM)
         bcfg = GPTConfig(n_embd=d, n_head=n_head, n_kv_head=n_head, n_layer=cfg.rerank_layers)
         self.blocks = nn.ModuleList([Block(bcfg, i) for i in range(cfg.rerank_layers)])
@@ -68,6 +93,7 @@ class Reranker(nn.Module):
         nn.init.uniform_(self.in_proj.weight, -math.sqrt(3.0 / self.in_proj.in_features),
                          math.sqrt(3.0 / self.in_proj.in_features))
         nn.init.uniform_(self.segment.weight, -math.sqrt(3.0 / d), math.sqrt(3.0 / d))
+        nn.init.uniform_(self.match.weight, -math.sqrt(3.0 / d), math.sqrt(3.0 / d))
         nn.init.uniform_(self.out.weight, -math.sqrt(3.0 / d), math.sqrt(3.0 / d))  # not 0: that would stop
         nn.init.zeros_(self.out.bias)                                                # every gradient below it
 
@@ -78,8 +104,9 @@ class Reranker(nn.Module):
         K, m = self.cfg.block_size, margin(self.cfg)
         pad = ids == PAD
         x = wte(ids.clamp_min(0)).detach().to(self.in_proj.weight.dtype)
-        seg = torch.where(pad, 3, segments(T - K - 2 * m, K, m, ids.device)[None])
-        h = norm(self.in_proj(norm(x))) + self.segment(seg)
+        Q = T - K - 2 * m
+        seg = torch.where(pad, 3, segments(Q, K, m, ids.device)[None])
+        h = norm(self.in_proj(norm(x))) + self.segment(seg) + self.match(match_flags(ids, Q))
         cos_sin = rope_cos_sin(torch.arange(T, device=ids.device)[None].expand(C, T), self.head_dim)
         for block in self.blocks:
             h = block(h, cos_sin, causal=False)
