@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SMEAR = 2  # how many inputs before each position the smear mixes into it (see GPT.__init__)
+SMEAR = 5  # how many inputs before each position the smear mixes into it (see GPT.__init__)
 
 
 @dataclass
@@ -224,9 +224,11 @@ class GPT(nn.Module):
         # smear (token shift): input t += smear[i] * input t-1-i for the SMEAR inputs before it, per-channel
         # gates that start at 0. It hands every position its predecessors, so one attention layer can match
         # "the tokens before j" and copy (an induction head); without it a small GPT needs a previous-token
-        # head first, and at depth 2 on CPU that circuit did not form in 500 midtraining steps. Two, not
+        # head first, and at depth 2 on CPU that circuit did not form in 500 midtraining steps. Five, not
         # one: with one-digit tokens, a key such as 68788 has two 8s, and "the token after the 8" is
-        # ambiguous; most copying errors of the runcpu model were such (dev/LOG.md, 2026-11-22).
+        # ambiguous (most copying errors of the runcpu model, dev/LOG.md 2026-11-22); and the first digit
+        # of "The red key is 12345" sits five tokens after the label (' red', ' ke', 'y', ' is', ' '), so
+        # the match that tells the asked key from the other keys needs all five.
         self.smear = nn.Parameter(torch.zeros(SMEAR, config.n_embd))
 
     @property
