@@ -32,9 +32,7 @@ import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
 from megacontext.gistnet import GistLevels, at_children_scale, build_gists
-from megacontext.objective import expand
-from megacontext.retrieval import start_wc
-from megacontext.reranker import rerank_scores
+from megacontext.retrieval import lens_focus
 from megacontext.positions import wc_positions
 from megacontext.working_context import (all_raw, entry_spans, recency_pyramid, wc_cost, wc_slot_embeddings)
 
@@ -137,28 +135,6 @@ def wc_context(wc, reader, wte, cfg, scheme):
     pos, sigma = wc_positions(wc, cfg.block_size, scheme)
     nxt = float(x.size(0)) if scheme == "slot" else float(wc.num_tokens)
     return Context(x, pos.to(x.device), None if sigma is None else sigma.to(x.device), nxt, wc)
-
-
-def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None):
-    """LensNet focus: from `start_wc` (level 1 where the history allows, else coarser), expand the best-scored
-    gist and rescore, one expansion a pass, until none fits the budget. One at a time because LensNet is
-    trained for its top-1 (the needle's covering gist at each level): expanding its top-k at once spends the
-    budget on k - 1 guesses before the chosen level-2 region's children have been scored. With a `reranker`
-    (and cfg.rerank_k > 0), a pass whose best gist is a level-1 one expands the reranker's pick among
-    LensNet's top-k level-1 gists instead: the second stage reads their raw blocks with the question."""
-    if num_tokens <= budget:
-        return all_raw(num_tokens, cfg)
-    K = cfg.block_size
-    wc = start_wc(num_tokens, budget, cfg)
-    while wc_cost(wc, K) + K - 1 <= budget:
-        gist = np.flatnonzero(wc.levels >= 1)
-        if len(gist) == 0:
-            break
-        with torch.no_grad():
-            scores = lensnet.score([wc], [reader], wte)[0][0]
-        scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
-        wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
-    return wc
 
 
 def pyramid_or_raw(num_tokens, budget, cfg):
@@ -278,5 +254,5 @@ def answer_matches(text, answer):
 
 
 __all__ = ["Models", "METHODS", "MC_METHODS", "SINKS", "Context", "shared_length", "raw_context", "truncation",
-           "sink_window", "MeanPool", "mean_pool_reader", "wc_context", "lens_focus", "pyramid_or_raw", "span_is_raw",
+           "sink_window", "MeanPool", "mean_pool_reader", "wc_context", "pyramid_or_raw", "span_is_raw",
            "build_contexts", "greedy_decode", "continuation_nll", "answer_matches"]

@@ -6,14 +6,15 @@ fine (`open_blocks`), with an answer-weighted loss; LensNet learns listwise over
 fine / redirect / start / continue targets (`lens_curriculum`) and its loss trains GistNet; the reranker
 learns to pick the needle's block out of LensNet's own level-1 shortlist (`rerank_step`). The needle's
 block is the counterfactual best expansion (v2: 100 %), so no counterfactual forwards are spent on these
-rows. `start_wc` is where focus starts at inference (scripts/mc_eval.py, megacontext/baselines.py).
+rows. `start_wc` is where focus starts at inference and `lens_focus` the two-stage focus itself: the one procedure that
+scripts/mc_eval.py measures and the runtime (megacontext/runtime.py) reads with.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from megacontext.objective import _as_rng, coarsest_wc, expand, pack, random_mix, wc_part
-from megacontext.reranker import candidate_ids, question_len, rerank_loss, shortlist
+from megacontext.reranker import candidate_ids, question_len, rerank_loss, rerank_scores, shortlist
 from megacontext.telemetry import PhaseTimer
 from megacontext.working_context import all_raw, entry_spans, tail_start, wc_cost
 
@@ -83,6 +84,28 @@ def start_wc(num_tokens, budget, cfg):
         if wc_cost(wc, K) + K - 1 <= budget:
             return wc
     return coarsest_wc(num_tokens, cfg)
+
+
+def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None):
+    """LensNet focus: from `start_wc` (level 1 where the history allows, else coarser), expand the best-scored
+    gist and rescore, one expansion a pass, until none fits the budget. One at a time because LensNet is
+    trained for its top-1 (the needle's covering gist at each level): expanding its top-k at once spends the
+    budget on k - 1 guesses before the chosen level-2 region's children have been scored. With a `reranker`
+    (and cfg.rerank_k > 0), a pass whose best gist is a level-1 one expands the reranker's pick among
+    LensNet's top-k level-1 gists instead: the second stage reads their raw blocks with the question."""
+    if num_tokens <= budget:
+        return all_raw(num_tokens, cfg)
+    K = cfg.block_size
+    wc = start_wc(num_tokens, budget, cfg)
+    while wc_cost(wc, K) + K - 1 <= budget:
+        gist = np.flatnonzero(wc.levels >= 1)
+        if len(gist) == 0:
+            break
+        with torch.no_grad():
+            scores = lensnet.score([wc], [reader], wte)[0][0]
+        scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
+        wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
+    return wc
 
 
 def lens_curriculum(num_tokens, block, cfg, rng, p_redirect=0.4, rest=()):

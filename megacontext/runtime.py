@@ -11,7 +11,12 @@ context (WC) of at most `budget` slots over the whole history, refocused by Lens
 Cadence: tokens are appended a block at a time; after every K tokens (and whenever appended tokens
 push the WC over budget) a refocus runs: LensNet scores -> allocator edits, up to `passes` chained
 passes so a level-2 gist can reach raw tokens. A chunk longer than the budget is appended to the tree
-in one batched call and the WC is re-assembled as a recency pyramid, then refocused. The GPT only
+in one batched call. After every ingest (a document, a question, a chat turn) the WC is rebuilt by
+`focus`: two-stage focus from the start tiling (retrieval.lens_focus, the procedure mc_eval measures),
+so the GPT answers a new message with the blocks that message asks about open. The allocator's
+incremental edits then keep the WC in budget while the reply is generated. (With the allocator alone, a
+pass key 4-64x the budget behind the question was raw 0-10 % of the time: from a recency pyramid there
+was no room to open it; dev/LOG.md, session 4.) The GPT only
 runs on a WC within budget, through a WCKVCache (kvcache.py) that recomputes only from the first
 edited slot, so per-token decode cost does not grow with the history.
 
@@ -33,6 +38,7 @@ from megacontext.config import MCConfig
 from megacontext.kvcache import WCKVCache
 from megacontext.tree import MCTree, validate_ids
 from megacontext.reranker import rerank_scores
+from megacontext.retrieval import lens_focus
 from megacontext.working_context import (WCError, WorkingContext, all_raw, append_tokens, check_invariants,
                                          recency_pyramid, wc_cost)
 
@@ -272,16 +278,26 @@ class MCSession:
                     bar.update(min(step, n - a))
             if bar is not None:
                 bar.close()
-            self.wc = recency_pyramid(self.tree.num_tokens, self.cfg.budget, self.cfg)
-            self.refocus()
-            return n
-        pos = 0
-        while pos < n:  # a block at a time, so the refocus cadence does not depend on the chunking
-            take = min(n - pos, self.K - self.since_refocus)
-            self.tree.append(ids[pos:pos + take])
-            self._after_append(take)
-            pos += take
+        else:
+            pos = 0
+            while pos < n:  # a block at a time, so the refocus cadence does not depend on the chunking
+                take = min(n - pos, self.K - self.since_refocus)
+                self.tree.append(ids[pos:pos + take])
+                self._after_append(take)
+                pos += take
+        self.focus()
         return n
+
+    @torch.no_grad()
+    def focus(self):
+        """Rebuild the WC with two-stage focus over the whole history (retrieval.lens_focus: from the start
+        tiling, LensNet's best gist expanded one at a time, the reranker choosing among LensNet's level-1
+        shortlist). The newest tokens (the question) are the present it scores against."""
+        self.wc = lens_focus(self.tree.num_tokens, self.cfg.budget, self.cfg, self.lensnet, self.tree,
+                             self.gpt.transformer.wte, self.reranker)
+        self.cooldown = CooldownState()  # a new WC: no fresh edit of the old one to protect
+        self.refocus_count += 1
+        self.since_refocus = 0
 
     def _after_append(self, n):
         self.wc = append_tokens(self.wc, self.tree.num_tokens, self.cfg)

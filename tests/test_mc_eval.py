@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.baselines import (METHODS, SINKS, Models, answer_matches, build_contexts, continuation_nll,
-                                   greedy_decode,
-                                   lens_focus, mean_pool_reader, shared_length, span_is_raw)
+                                   greedy_decode, mean_pool_reader, shared_length, span_is_raw)
+from megacontext.retrieval import lens_focus
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.kvcache import full_logits

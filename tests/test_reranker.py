@@ -4,12 +4,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from megacontext.baselines import lens_focus, span_is_raw
+from megacontext.baselines import span_is_raw
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.lensnet import LensNet
 from megacontext.objective import MCObjective
-from megacontext.retrieval import needle_loss, start_wc
+from megacontext.retrieval import lens_focus, needle_loss, start_wc
 from megacontext.reranker import PAD, Reranker, candidate_ids, margin, match_flags, rerank_scores, shortlist
 from nanochat.gpt import GPT, GPTConfig
 
