@@ -72,18 +72,27 @@ def lens_target_loss(z, legal, target, bce_weight=0.5):
     return ce + bce_weight * bce, ce.detach(), hit.detach()
 
 
-def start_wc(num_tokens, budget, cfg):
-    """Where focus starts: the finest uniform gist tiling (levels <= L, smallest L) that leaves room for one
-    expansion within `budget`, else the coarsest. Starting at level 1 whenever the history allows lets
-    LensNet shortlist among every block at once (the reranker then reads the shortlist raw); longer
-    histories start coarser and go coarse to fine. Every start is the coarsest WC plus expansions, so
-    focus ends on the same cost as any other method that fills the budget (costs differ by K - 1 steps)."""
+START_ROOM = 2  # expansions focus's start leaves room for: a needle's key and its label often lie in two blocks
+
+
+def start_wc(num_tokens, budget, cfg, room=START_ROOM):
+    """Where focus starts: the finest uniform gist tiling (levels <= L, smallest L) that leaves room for `room`
+    expansions within `budget`, its newest level-L gists then refined one level while the room remains (older
+    history stays coarser), else the coarsest WC. Starting at level 1 wherever the budget allows lets LensNet
+    shortlist among those blocks at once (the reranker then reads the shortlist raw); longer histories start
+    coarser and go coarse to fine. Room for two, not one: at 16x the budget a level-1 tiling left room for a
+    single block, the key's, and where "The pass key is" ended in the block before, the GPT read the label as a
+    gist and missed (passkey 63 % on the runcpu model; 90 % with room for two, multi-key 70 -> 80 %; dev/LOG.md).
+    Every start is the coarsest WC plus expansions, so focus ends on the same cost as any other method that
+    fills the budget (costs differ by K - 1 steps)."""
     K = cfg.block_size
-    for L in range(1, cfg.max_level):
+    for L in range(1, cfg.max_level + 1):
         wc = coarsest_wc(num_tokens, cfg, max_level=L)
-        if wc_cost(wc, K) + K - 1 <= budget:
-            return wc
-    return coarsest_wc(num_tokens, cfg)
+        if wc_cost(wc, K) + room * (K - 1) <= budget:
+            break
+    while wc.levels.max(initial=0) >= 2 and wc_cost(wc, K) + (room + 1) * (K - 1) <= budget:
+        wc = expand(wc, int(np.flatnonzero(wc.levels == wc.levels.max())[-1]), cfg)
+    return wc
 
 
 def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None):

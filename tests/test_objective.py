@@ -231,18 +231,25 @@ def test_open_blocks_and_lens_curriculum_targets_hold_the_needle():
 def test_start_wc_is_the_finest_tiling_that_leaves_room():
     cfg = MCConfig(block_size=8, max_level=3, budget=64, tail_tokens=8, lens_dim=32, lens_heads=2)
     K = cfg.block_size
-    for n in (70, 100, 200, 400, 1000, 5000):
-        for budget in (40, 64, 100):
-            wc = start_wc(n, budget, cfg)
-            check_invariants(wc, cfg)
-            coarse = coarsest_wc(n, cfg)
-            assert (wc_cost(wc, K) - wc_cost(coarse, K)) % (K - 1) == 0  # the coarsest WC + whole expansions
-            top = int(wc.levels.max())
-            if top > 1:  # a finer uniform tiling would leave no room for one expansion
-                finer = coarsest_wc(n, cfg, max_level=top - 1)
-                assert wc_cost(finer, K) + K - 1 > budget
-            if wc != coarse:
-                assert wc_cost(wc, K) + K - 1 <= budget
+    for room in (1, 2):
+        for n in (70, 100, 200, 400, 1000, 5000):
+            for budget in (40, 64, 100):
+                wc = start_wc(n, budget, cfg, room=room)
+                check_invariants(wc, cfg)
+                coarse = coarsest_wc(n, cfg)
+                assert (wc_cost(wc, K) - wc_cost(coarse, K)) % (K - 1) == 0  # the coarsest WC + whole expansions
+                top = int(wc.levels.max(initial=0))
+                if top > 1:  # a finer uniform tiling would leave no room
+                    finer = coarsest_wc(n, cfg, max_level=top - 1)
+                    assert wc_cost(finer, K) + room * (K - 1) > budget
+                    # refined newest first: every top-level gist is older than every level top-1 one
+                    tops, below = np.flatnonzero(wc.levels == top), np.flatnonzero(wc.levels == top - 1)
+                    if len(below) and wc != coarse:
+                        assert tops.max() < below.min() or wc_cost(wc, K) + (room + 1) * (K - 1) > budget
+                    if wc_cost(wc, K) + room * (K - 1) <= budget:  # one more refinement would eat the room
+                        assert wc_cost(wc, K) + (room + 1) * (K - 1) > budget or top < 2
+                if wc != coarse:
+                    assert wc_cost(wc, K) + room * (K - 1) <= budget
 
 
 def test_lens_target_loss_descends_towards_the_target():
