@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megacontext.allocator import Edit, apply_edits, collapse_groups
 from megacontext.objective import _as_rng, coarsest_wc, expand, pack, random_mix, wc_part
 from megacontext.reranker import candidate_ids, question_len, rerank_loss, rerank_scores, shortlist
 from megacontext.telemetry import PhaseTimer
@@ -95,25 +96,41 @@ def start_wc(num_tokens, budget, cfg, room=START_ROOM):
     return wc
 
 
-def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None):
+MAX_COLLAPSES = 2  # groups of level-1 gists focus may fold into their level-2 parent to make room
+
+
+def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=MAX_COLLAPSES):
     """LensNet focus: from `start_wc` (level 1 where the history allows, else coarser), expand the best-scored
     gist and rescore, one expansion a pass, until none fits the budget. One at a time because LensNet is
     trained for its top-1 (the needle's covering gist at each level): expanding its top-k at once spends the
     budget on k - 1 guesses before the chosen level-2 region's children have been scored. With a `reranker`
     (and cfg.rerank_k > 0), a pass whose best gist is a level-1 one expands the reranker's pick among
-    LensNet's top-k level-1 gists instead: the second stage reads their raw blocks with the question."""
+    LensNet's top-k level-1 gists instead: the second stage reads their raw blocks with the question.
+    When no expansion fits, up to `collapses` times the legal group of K level-1 gists that LensNet wants
+    least (lowest mean score) folds into its level-2 parent, freeing K - 1 slots for one more expansion: a
+    needle's key and label can need a block more than the start left room for (passkey at 16x on the
+    runcpu model: 92 -> 100 %; dev/LOG.md, session 4)."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     K = cfg.block_size
     wc = start_wc(num_tokens, budget, cfg)
-    while wc_cost(wc, K) + K - 1 <= budget:
+    while True:
         gist = np.flatnonzero(wc.levels >= 1)
         if len(gist) == 0:
             break
         with torch.no_grad():
             scores = lensnet.score([wc], [reader], wte)[0][0]
         scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
-        wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
+        if wc_cost(wc, K) + K - 1 <= budget:
+            wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
+            continue
+        groups = collapse_groups(wc, cfg, scores)
+        l1 = np.flatnonzero(groups["level"] == 2)  # K level-1 siblings (never one holding a raw block)
+        if collapses <= 0 or len(l1) == 0:
+            break
+        k = l1[np.argmin(groups["score"][l1])]
+        wc = apply_edits(wc, [Edit("collapse", 2, int(groups["index"][k]))], cfg)
+        collapses -= 1
     return wc
 
 

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 
 from megacontext.baselines import (METHODS, SINKS, Models, answer_matches, build_contexts, continuation_nll,
                                    greedy_decode, mean_pool_reader, shared_length, span_is_raw)
-from megacontext.retrieval import lens_focus
+from megacontext.retrieval import lens_focus, start_wc
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.kvcache import full_logits
 from megacontext.lensnet import LensNet
 from megacontext.reranker import Reranker
-from megacontext.working_context import append_tokens, recency_pyramid, wc_cost
+from megacontext.working_context import append_tokens, check_invariants, entry_spans, recency_pyramid, wc_cost
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 
@@ -168,6 +168,35 @@ def test_lens_focus_fills_the_budget_and_hit_detection():
     assert wc_cost(wc, 32) == shared_length(n, cfg.budget, cfg)
     pyr = recency_pyramid(n, cfg.budget, cfg)
     assert span_is_raw(pyr, (n - 10, n), 32) and not span_is_raw(pyr, (5, 9), 32)
+
+
+class WantsBlocks:
+    """A LensNet stand-in that wants the gists covering the given raw blocks (score 1) and nothing else (-0.5)."""
+
+    def __init__(self, blocks, K):
+        self.blocks, self.K = blocks, K
+
+    def score(self, wcs, readers, wte):
+        wc = wcs[0]
+        starts, ends = entry_spans(wc, self.K)
+        want = [(lv >= 1) and any(a <= b * self.K < e for b in self.blocks)
+                for lv, a, e in zip(wc.levels, starts, ends)]
+        return torch.tensor([[1.0 if w else -0.5 for w in want]]), None
+
+
+def test_lens_focus_collapses_an_unwanted_group_to_open_one_more_block():
+    cfg = MCConfig(block_size=8, max_level=2, budget=64, tail_tokens=8, lens_dim=32, lens_heads=2, lens_layers=1)
+    K, n = cfg.block_size, 400
+    start = start_wc(n, cfg.budget, cfg)
+    l1 = [int(i) for lv, i in zip(start.levels, start.indices) if lv == 1]
+    wanted = [l1[0], l1[len(l1) // 2], l1[-1]]  # three blocks; the start leaves room for two
+    net = WantsBlocks(wanted, K)
+    without = lens_focus(n, cfg.budget, cfg, net, None, None, collapses=0)
+    assert sum(span_is_raw(without, (b * K, b * K + K), K) for b in wanted) == 2
+    wc = lens_focus(n, cfg.budget, cfg, net, None, None)
+    check_invariants(wc, cfg, cfg.budget)
+    assert all(span_is_raw(wc, (b * K, b * K + K), K) for b in wanted)
+    assert wc_cost(wc, K) == wc_cost(without, K)  # the same budget, spent on the wanted blocks
 
 
 # -----------------------------------------------------------------------------

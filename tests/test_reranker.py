@@ -11,6 +11,7 @@ from megacontext.lensnet import LensNet
 from megacontext.objective import MCObjective
 from megacontext.retrieval import lens_focus, needle_loss, start_wc
 from megacontext.reranker import PAD, Reranker, candidate_ids, margin, match_flags, rerank_scores, shortlist
+from megacontext.working_context import wc_cost
 from nanochat.gpt import GPT, GPTConfig
 
 V, D = 64, 32
@@ -81,7 +82,7 @@ def test_two_stage_focus_opens_the_reranker_pick():
         wc = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
         assert span_is_raw(wc, (blk * K, blk * K + K), K)
         one = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: same cost, its own choice
-        assert one.num_tokens == wc.num_tokens and len(one) == len(wc)
+        assert one.num_tokens == wc.num_tokens and wc_cost(one, K) == wc_cost(wc, K)
 
 
 def test_needle_loss_trains_every_reranker_weight():
