@@ -26,7 +26,6 @@ the gaussian scheme, where raw tokens have exact RoPE).
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -116,17 +116,18 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
     wc = start_wc(num_tokens, budget, cfg)
     while True:
         gist = np.flatnonzero(wc.levels >= 1)
-        if len(gist) == 0:
+        room = wc_cost(wc, K) + K - 1 <= budget
+        if len(gist) == 0 or (not room and collapses <= 0):  # decided before scoring: no forward wasted
             break
         with torch.no_grad():
             scores = lensnet.score([wc], [reader], wte)[0][0]
         scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
-        if wc_cost(wc, K) + K - 1 <= budget:
+        if room:
             wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
             continue
         groups = collapse_groups(wc, cfg, scores)
         l1 = np.flatnonzero(groups["level"] == 2)  # K level-1 siblings (never one holding a raw block)
-        if collapses <= 0 or len(l1) == 0:
+        if len(l1) == 0:
             break
         k = l1[np.argmin(groups["score"][l1])]
         wc = apply_edits(wc, [Edit("collapse", 2, int(groups["index"][k]))], cfg)
