@@ -30,7 +30,10 @@ class MCConfig:
     lens_layers: int = 2
     lens_heads: int = 4
     # --- reranker (second stage of focus: reads the raw tokens of LensNet's shortlist with the question) ---
-    rerank_k: int = 4             # level-1 gists LensNet shortlists for the reranker (0: LensNet alone)
+    # rerank_k: level-1 gists LensNet shortlists for the reranker, and per level-2 region when focus looks
+    # inside regions (0: LensNet alone). 8, not 4: a multi-key history holds ~12 salient blocks that LensNet
+    # cannot tell apart (dev/LOG.md, session 5)
+    rerank_k: int = 8
     rerank_dim: int = 64          # its width (heads of 32)
     rerank_layers: int = 2
     # --- end-to-end training objective (objective.py) ---

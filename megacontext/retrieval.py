@@ -73,7 +73,7 @@ def lens_target_loss(z, legal, target, bce_weight=0.5):
     return ce + bce_weight * bce, ce.detach(), hit.detach()
 
 
-START_ROOM = 2  # expansions focus's start leaves room for: a needle's key and its label often lie in two blocks
+START_ROOM = 1  # expansions focus's start leaves room for (folding makes room for more: lens_focus)
 
 
 def start_wc(num_tokens, budget, cfg, room=START_ROOM):
@@ -81,9 +81,9 @@ def start_wc(num_tokens, budget, cfg, room=START_ROOM):
     expansions within `budget`, its newest level-L gists then refined one level while the room remains (older
     history stays coarser), else the coarsest WC. Starting at level 1 wherever the budget allows lets LensNet
     shortlist among those blocks at once (the reranker then reads the shortlist raw); longer histories start
-    coarser and go coarse to fine. Room for two, not one: at 16x the budget a level-1 tiling left room for a
-    single block, the key's, and where "The pass key is" ended in the block before, the GPT read the label as a
-    gist and missed (passkey 63 % on the runcpu model; 90 % with room for two, multi-key 70 -> 80 %; dev/LOG.md).
+    coarser and go coarse to fine. Room for one, not two: a needle's key and its label often lie in two blocks,
+    but lens_focus folds unwanted groups to open the second, and a start one level finer lets the reranker read
+    the whole history's blocks (multi-key at 16x on the runcpu model: 73 -> 90 %; dev/LOG.md, session 5).
     Every start is the coarsest WC plus expansions, so focus ends on the same cost as any other method that
     fills the budget (costs differ by K - 1 steps)."""
     K = cfg.block_size
@@ -96,6 +96,43 @@ def start_wc(num_tokens, budget, cfg, room=START_ROOM):
     return wc
 
 
+@torch.no_grad()
+def focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg):
+    """
+    The gist one focus pass expands: LensNet's best (`scores`, numpy) when that lies at level >= 3 or there is
+    no reranker; else the reranker's choice. It reads, with the question, the raw blocks of LensNet's top-k
+    level-1 gists and of the top-k level-1 children of each of LensNet's top-k level-2 gists (each region
+    expanded tentatively and rescored by LensNet, in one batch), and the pass expands its best block's level-1
+    gist, or the level-2 gist above it. Why look one level down: LensNet scores a region by one gist of 32
+    blocks and cannot bind the question there (several keys are all salient), so coarse to fine opened the
+    wrong region; the reranker can, once it reads the blocks (multi-key at 64x on the runcpu model: 30 ->
+    100 %; dev/LOG.md, session 5). The reranker scores each candidate alone, so logits compare across regions.
+    """
+    gist = np.flatnonzero(wc.levels >= 1)
+    best = int(gist[np.argmax(scores[gist])])
+    k, n, Q = cfg.rerank_k, wc.num_tokens, question_len(cfg)
+    if reranker is None or k < 2 or wc.levels[best] > 2 or n < Q:
+        return best
+    question = reader.tokens(n - Q, n)
+    rows, owners = [], []
+    l1 = shortlist(scores, wc, k)
+    if len(l1):
+        rows.append(candidate_ids(reader, wc, l1, question, cfg))
+        owners += l1.tolist()
+    l2 = np.flatnonzero(wc.levels == 2)
+    l2 = l2[np.argsort(-scores[l2], kind="stable")][:k]
+    if len(l2):
+        tries = [expand(wc, int(j), cfg) for j in l2]
+        s2 = lensnet.score(tries, [reader] * len(tries), wte)[0].float().cpu().numpy()
+        for t, j, s in zip(tries, l2.tolist(), s2):
+            kids = j + np.arange(cfg.block_size)  # the region's children take its place in the WC
+            rows.append(candidate_ids(reader, t, kids[np.argsort(-s[kids], kind="stable")][:k], question, cfg))
+            owners += [j] * min(k, cfg.block_size)
+    if len(owners) < 2:
+        return best
+    return owners[int(reranker(torch.cat(rows), wte).float().argmax())]
+
+
 MAX_COLLAPSES = 2  # groups of level-1 gists focus may fold into their level-2 parent to make room
 
 
@@ -104,29 +141,35 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
     gist and rescore, one expansion a pass, until none fits the budget. One at a time because LensNet is
     trained for its top-1 (the needle's covering gist at each level): expanding its top-k at once spends the
     budget on k - 1 guesses before the chosen level-2 region's children have been scored. With a `reranker`
-    (and cfg.rerank_k > 0), a pass whose best gist is a level-1 one expands the reranker's pick among
-    LensNet's top-k level-1 gists instead: the second stage reads their raw blocks with the question.
+    (and cfg.rerank_k > 1), a pass whose best gist lies at level 1 or 2 expands the reranker's pick instead
+    (`focus_pick`): the second stage reads raw blocks in the WC or one expansion away with the question.
     When no expansion fits, up to `collapses` times the legal group of K level-1 gists that LensNet wants
     least (lowest mean score) folds into its level-2 parent, freeing K - 1 slots for one more expansion: a
     needle's key and label can need a block more than the start left room for (passkey at 16x on the
-    runcpu model: 92 -> 100 %; dev/LOG.md, session 4)."""
+    runcpu model: 92 -> 100 %; dev/LOG.md, session 4). A region focus itself opened is never folded: it was
+    opened to find a block in it, which the next pass expands."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     K = cfg.block_size
     wc = start_wc(num_tokens, budget, cfg)
+    opened = set()  # level-2 regions this focus expanded
     while True:
         gist = np.flatnonzero(wc.levels >= 1)
         room = wc_cost(wc, K) + K - 1 <= budget
         if len(gist) == 0 or (not room and collapses <= 0):  # decided before scoring: no forward wasted
             break
         with torch.no_grad():
-            scores = lensnet.score([wc], [reader], wte)[0][0]
-        scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
+            scores = lensnet.score([wc], [reader], wte)[0][0].float().cpu().numpy().astype(np.float64)
         if room:
-            wc = expand(wc, int(gist[np.argmax(scores[gist])]), cfg)
+            j = focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg)
+            if wc.levels[j] == 2:
+                opened.add(int(wc.indices[j]))
+            wc = expand(wc, j, cfg)
             continue
+        scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
         groups = collapse_groups(wc, cfg, scores)
-        l1 = np.flatnonzero(groups["level"] == 2)  # K level-1 siblings (never one holding a raw block)
+        # K level-1 siblings (never one holding a raw block), not a region focus opened
+        l1 = np.flatnonzero((groups["level"] == 2) & ~np.isin(groups["index"], list(opened)))
         if len(l1) == 0:
             break
         k = l1[np.argmin(groups["score"][l1])]
@@ -284,4 +327,4 @@ def rerank_step(reranker, wte, x, z, legal, wcs, readers, targets, rows, cfg):
 
 
 __all__ = ["entry_covering", "open_blocks", "needle_variant", "weighted_target_nll", "lens_target_loss", "start_wc",
-           "lens_curriculum", "question_end", "needle_loss", "rerank_step"]
+           "focus_pick", "lens_curriculum", "question_end", "needle_loss", "rerank_step"]

@@ -9,9 +9,9 @@ from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.lensnet import LensNet
 from megacontext.objective import MCObjective
-from megacontext.retrieval import lens_focus, needle_loss, start_wc
+from megacontext.retrieval import entry_covering, focus_pick, lens_focus, needle_loss, start_wc
 from megacontext.reranker import PAD, Reranker, candidate_ids, margin, match_flags, rerank_scores, shortlist
-from megacontext.working_context import wc_cost
+from megacontext.working_context import check_invariants, wc_cost
 from nanochat.gpt import GPT, GPTConfig
 
 V, D = 64, 32
@@ -83,6 +83,34 @@ def test_two_stage_focus_opens_the_reranker_pick():
         assert span_is_raw(wc, (blk * K, blk * K + K), K)
         one = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: same cost, its own choice
         assert one.num_tokens == wc.num_tokens and wc_cost(one, K) == wc_cost(wc, K)
+
+
+def test_focus_looks_inside_level_2_regions_for_the_reranker():
+    """A marked block inside a level-2 gist of focus's start is opened: the reranker reads the blocks of each
+    region LensNet shortlists (expanded tentatively), focus opens the region, folds another group to make
+    room (never the region it opened), and opens the block. A random LensNet alone picks regions blindly."""
+    cfg = cfg_(rerank_k=64)  # every region, and every block in it, is read
+    K, n = cfg.block_size, 2000
+    start = start_wc(n, cfg.budget, cfg)
+    found_alone = 0
+    for seed in range(6):  # random LensNets: which group the fold picks varies with them
+        torch.manual_seed(seed)
+        lensnet = LensNet(D, cfg)
+        for blk in (20, 100, 180):
+            assert start.levels[entry_covering(start, blk * K, K)] == 2  # hidden in a region at the start
+            ids = torch.randint(6, V, (n,), generator=torch.Generator().manual_seed(blk))
+            ids[blk * K + 4] = MARK
+            reader, wte = reader_over(ids, cfg)
+            scores = lensnet.score([start], [reader], wte)[0][0].detach().numpy().astype(np.float64)
+            best = int(np.argmax(np.where(start.levels >= 1, scores, -np.inf)))
+            assert focus_pick(start, scores, reader, lensnet, None, wte, cfg) == best  # no reranker: LensNet's
+            assert focus_pick(start, scores, reader, lensnet, MarkerReranker(cfg), wte, cfg) == \
+                entry_covering(start, blk * K, K)
+            wc = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
+            check_invariants(wc, cfg, cfg.budget)
+            assert span_is_raw(wc, (blk * K, blk * K + K), K)
+            found_alone += span_is_raw(lens_focus(n, cfg.budget, cfg, lensnet, reader, wte), (blk * K, blk * K + K), K)
+    assert found_alone < 18
 
 
 def test_needle_loss_trains_every_reranker_weight():
