@@ -292,7 +292,8 @@ class MCSession:
     def focus(self):
         """Rebuild the WC with two-stage focus over the whole history (retrieval.lens_focus: from the start
         tiling, LensNet's best gist expanded one at a time, the reranker choosing among the blocks LensNet
-        shortlists in the WC and inside its best level-2 regions). The newest tokens (the question) are the present it scores against."""
+        shortlists in the WC and inside its best level-2 regions). The newest tokens (the question) are the
+        present it scores against."""
         self.wc = lens_focus(self.tree.num_tokens, self.cfg.budget, self.cfg, self.lensnet, self.tree,
                              self.gpt.transformer.wte, self.reranker)
         self.cooldown = CooldownState()  # a new WC: no fresh edit of the old one to protect
