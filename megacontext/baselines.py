@@ -148,6 +148,17 @@ def span_is_raw(wc, span, K):
     return bool((wc.levels[touch] == 0).all())
 
 
+def boundary_level(span, K, max_level):
+    """
+    The coarsest tree boundary the token span [a, b) crosses: 0 inside one K-token block, L when its
+    first and last tokens lie in different level-L nodes (K^L tokens each; level 1 = blocks, level 2 =
+    regions of K blocks). Such a span is shown raw only with two level-L nodes opened, which a small
+    budget may not hold, so the eval reports passkey accuracy by this level.
+    """
+    a, b = span
+    return sum(a // K ** L != (b - 1) // K ** L for L in range(1, max_level + 1))
+
+
 @torch.no_grad()
 def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet=None, tree=None, reranker=None):
     """

@@ -15,7 +15,7 @@ method but full reads exactly the same number of GPT input slots (counted and ch
 
 Tasks (tasks/longctx.py), filler = validation-shard text: passkey (5-digit key, greedy decoding, exact
 match that rejects near misses) at history = multiple x budget for each --multiples and needle
-depths --depths (trials cycle through the depths); needle (multi-key with near-miss decoys; the
+depths --depths (trials cycle through the depths; 'random' draws one per trial); needle (multi-key with near-miss decoys; the
 question names the key); kv_recall; long_doc (mean NLL of the last --doc-target tokens of
 --doc-tokens stretches of validation text, and the share of the truncation->full gap closed); quality
 (the training-proof figures, on the same validation text: per gist level, the target NLL with the
@@ -24,7 +24,9 @@ tokens and the LM guard; LensNet's pair agreement and top-1 against counterfactu
 
 Output JSON: {"config", "passkey": {"<multiple>": {"<method>": acc}}, "needle": {...}, "kv_recall":
 {...}, "long_doc": {"<method>": nll, "gap_closed": float}} plus extras: passkey_depth
-{"<multiple>": {"<depth>": {"<method>": acc}}}, lens_hit_rate {"<task>": {"<multiple>": {"<method>":
+{"<multiple>": {"<depth>": {"<method>": acc}}}, passkey_alignment {"<multiple>": {"<level>": {"n": trials,
+"<method>": acc}}} (level = the coarsest block-tree boundary the needle sentence crosses: 0 inside one
+block, 1 across two blocks of one region, 2 across two level-2 regions, ...), lens_hit_rate {"<task>": {"<multiple>": {"<method>":
 share of examples whose asked key (or needle) is raw in the working context}}}, context_slots, long_doc_gap_closed
 (per method), position_scheme (slot vs gaussian), timings, and quality: {"level_1": Q, "level_2": Q, "lens":
 L, "reasons": {"<entry>": why it is null}} with Q = null or {"history_tokens", "target_tokens", "rows",
@@ -47,8 +49,8 @@ import numpy as np
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
-from megacontext.baselines import (MC_METHODS, METHODS, Models, answer_matches, build_contexts, continuation_nll,
-                                   greedy_decode, span_is_raw)
+from megacontext.baselines import (MC_METHODS, METHODS, Models, answer_matches, boundary_level, build_contexts,
+                                   continuation_nll, greedy_decode, span_is_raw)
 from megacontext.quality import (doc_windows, quality_lines, quality_markdown, quality_plan, quality_problems,
                                  run_quality)
 
@@ -198,16 +200,17 @@ def _mean(xs):
 
 
 def run_exact_task(task, models, methods, budget, multiples, trials, depths, filler, seed, progress=True):
-    """Accuracy, slots and LensNet hit rates per multiple and method (+ per depth for passkey)."""
+    """Accuracy, slots and LensNet hit rates per multiple and method (+ per depth and per needle alignment,
+    `boundary_level` of the needle sentence, for passkey)."""
     from tqdm import tqdm
     tok = models.tok
-    acc, slots, hits, by_depth = {}, {}, {}, {}
+    acc, slots, hits, by_depth, by_align = {}, {}, {}, {}, {}
     bar = tqdm(total=len(multiples) * trials, desc=task, disable=not progress, leave=False)
     skipped = []
     for mult in multiples:
         recs = []
         for t in range(trials):
-            depth = depths[t % len(depths)] if task == "passkey" else None
+            depth = depths[t % len(depths)] if task == "passkey" and depths else None  # None: a random depth
             try:
                 ex = make_example(task, filler, tok, example_rng(seed, task, mult, t), mult * budget, depth)
             except ValueError as e:  # the history cannot hold the needles (a tiny budget): the cell is null
@@ -216,17 +219,23 @@ def run_exact_task(task, models, methods, budget, multiples, trials, depths, fil
                 skipped.append(f"{task} {mult}x: {e}")
                 bar.update(trials - t)
                 break
-            recs.append((depth, eval_example(ex, models, methods, budget)))
+            align = boundary_level(ex.needle_spans[0], models.cfg.block_size, models.cfg.max_level)
+            recs.append((depth, eval_example(ex, models, methods, budget), align))
             bar.update(1)
         recs = recs if len(recs) == trials else []
         k = str(mult)
-        acc[k] = {m: _mean(r[m][0] for _, r in recs) for m in methods}
-        slots[k] = {m: _mean(r[m][1] for _, r in recs) for m in methods}
-        hits[k] = {m: _mean(r[m][2] for _, r in recs) for m in methods if m not in ("truncation", "sinks", "full")}
+        acc[k] = {m: _mean(r[m][0] for _, r, _ in recs) for m in methods}
+        slots[k] = {m: _mean(r[m][1] for _, r, _ in recs) for m in methods}
+        hits[k] = {m: _mean(r[m][2] for _, r, _ in recs) for m in methods if m not in ("truncation", "sinks", "full")}
+        if task == "passkey" and depths:
+            by_depth[k] = {str(d): {m: _mean(r[m][0] for dd, r, _ in recs if dd == d) for m in methods}
+                           for d in depths}
         if task == "passkey":
-            by_depth[k] = {str(d): {m: _mean(r[m][0] for dd, r in recs if dd == d) for m in methods} for d in depths}
+            by_align[k] = {str(L): {"n": sum(a == L for *_, a in recs),
+                                    **{m: _mean(r[m][0] for _, r, a in recs if a == L) for m in methods}}
+                           for L in sorted({a for *_, a in recs})}
     bar.close()
-    return acc, slots, hits, by_depth, skipped
+    return acc, slots, hits, by_depth, by_align, skipped
 
 
 @torch.no_grad()
@@ -313,6 +322,12 @@ def validate_result(res):
             for m, v in cell.items():
                 if not number_or_null(v) or (v is not None and not 0 <= v <= 1):
                     problems.append(f"{task}[{mult}][{m}] = {v!r} is not an accuracy in [0, 1] or null")
+    for mult, row in (res.get("passkey_alignment") or {}).items():
+        for level, cell in row.items() if isinstance(row, dict) else [(None, None)]:
+            if not (str(level).isdigit() and isinstance(cell, dict) and isinstance(cell.get("n"), int)
+                    and all(number_or_null(v) and (v is None or 0 <= v <= 1) for m, v in cell.items() if m != "n")):
+                problems.append(f"passkey_alignment[{mult}] must map levels (digits) to {{'n': trials, method: "
+                                f"accuracy}}, got {level!r}: {cell!r}")
     ld = res.get("long_doc") or {}
     if "gap_closed" not in ld:
         problems.append("long_doc needs 'gap_closed'")
@@ -378,6 +393,8 @@ def report_markdown(res, images):
         parts.append(f"### Passkey by needle depth ({focus})\n\n" + "\n".join(lines) + "\n")
         if "depth" in images:
             parts.append(f"![passkey depth x length]({images['depth']})")
+    if res.get("passkey_alignment"):
+        parts.append(alignment_markdown(res["passkey_alignment"], methods))
     parts.append(f"### Multi-key needle with near-miss decoys ({c['needle_trials']} trials per cell)\n\n"
                  + _acc_table(res["needle"], methods))
     parts.append(f"### Key-value recall ({c['needle_trials']} trials per cell)\n\n"
@@ -404,6 +421,35 @@ def report_markdown(res, images):
     parts.append("### Where MegaContext loses\n\n" + ("\n".join(f"- {x}" for x in lost) if lost else
                  "No cell where full MegaContext is below the best budgeted baseline."))
     return "\n\n".join(parts) + "\n"
+
+
+ALIGN_NAMES = {0: "inside one block", 1: "across two blocks", 2: "across two level-2 regions"}
+
+
+def _align_name(level):
+    return ALIGN_NAMES.get(int(level), f"across two level-{level} nodes")
+
+
+def alignment_lines(by_align, methods):
+    """One printed line per multiple: megacontext's passkey accuracy (trials) per needle alignment."""
+    focus = "megacontext" if "megacontext" in methods else methods[0]
+    return [f"passkey   {mult:>4s}x  {focus} by needle alignment: "
+            + ", ".join(f"{_align_name(L)} {_pct(c.get(focus))} ({c['n']})" for L, c in row.items())
+            for mult, row in by_align.items()]
+
+
+def alignment_markdown(by_align, methods):
+    """Passkey accuracy by the coarsest tree boundary the needle crosses (cells: accuracy (trials))."""
+    focus = "megacontext" if "megacontext" in methods else methods[0]
+    levels = sorted({L for row in by_align.values() for L in row}, key=int)
+    lines = ["| needle | " + " | ".join(f"{m}x" for m in by_align) + " |", "|---" * (len(by_align) + 1) + "|"]
+    for L in levels:
+        cells = [by_align[m].get(L) for m in by_align]
+        lines.append(f"| {_align_name(L)} | " + " | ".join("-" if c is None else f"{_pct(c.get(focus))} ({c['n']})"
+                                                          for c in cells) + " |")
+    return (f"### Passkey by needle alignment ({focus}; accuracy (trials))\n\n"
+            "A needle across a level-L boundary is shown raw only with two level-L nodes opened.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def headline(res):
@@ -468,7 +514,10 @@ def main(argv=None):
     p.add_argument("--needle-trials", type=int, default=None, help="multi-key / kv-recall examples per multiple "
                                                                    "(default: --trials)")
     p.add_argument("--multiples", default=None, help="histories as multiples of the budget (default 1,4,16,64,256)")
-    p.add_argument("--depths", default=None, help="passkey needle depths (fractions; default 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--depths", default=None, help="passkey needle depths (fractions; default 0.1,0.3,0.5,0.7,0.9), "
+                                                  "or 'random': a uniform random depth per trial (no depth table). A "
+                                                  "fixed depth puts every trial's needle at nearly the same token, "
+                                                  "hence the same block alignment")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--tasks", default="passkey,needle,kv_recall,long_doc,quality")
     p.add_argument("--docs", type=int, default=None, help="long-document stretches (default 50)")
@@ -486,14 +535,14 @@ def main(argv=None):
     if (args.source is None) == (not args.random_init):
         raise UserError("pass exactly one of --source {base,mid,sft} or --random-init")
     multiples = sorted(set(parse_list(args.multiples, int, "multiples")))
-    depths = parse_list(args.depths, float, "depths")
+    depths = None if args.depths == "random" else parse_list(args.depths, float, "depths")
     methods = parse_list(args.methods, str, "methods")
     tasks = parse_list(args.tasks, str, "tasks")
     bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASK_IDS]
     if bad:
         raise UserError(f"unknown method/task {bad}: methods are {METHODS}, tasks {tuple(TASK_IDS)}")
-    if multiples[0] < 1 or not all(0 <= d <= 1 for d in depths) or args.trials < 1 or args.docs < 1:
-        raise UserError("--multiples must be >= 1, --depths in [0, 1], --trials and --docs >= 1")
+    if multiples[0] < 1 or not all(0 <= d <= 1 for d in depths or []) or args.trials < 1 or args.docs < 1:
+        raise UserError("--multiples must be >= 1, --depths in [0, 1] (or 'random'), --trials and --docs >= 1")
     needle_trials = args.needle_trials or args.trials
     device = torch.device(args.device or autodetect_device_type())
     t_start = time.perf_counter()
@@ -519,11 +568,11 @@ def main(argv=None):
               "n_embd": gpt.config.n_embd, "vocab": gpt.config.vocab_size, "sequence_len": gpt.config.sequence_len,
               "budget": budget, "block_size": cfg.block_size, "tail_tokens": cfg.tail_tokens,
               "max_level": cfg.max_level, "positions": cfg.positions, "methods": methods, "tasks": tasks,
-              "multiples": multiples, "depths": depths, "trials": args.trials, "needle_trials": needle_trials,
+              "multiples": multiples, "depths": depths or "random", "trials": args.trials, "needle_trials": needle_trials,
               "docs": args.docs, "doc_tokens": doc_tokens, "doc_target": args.doc_target, "seed": args.seed,
               "quick": args.quick}
     res = {"config": config, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None},
-           "passkey_depth": {}, "lens_hit_rate": {}, "context_slots": {}, "long_doc_gap_closed": {}, "skipped": [],
+           "passkey_depth": {}, "passkey_alignment": {}, "lens_hit_rate": {}, "context_slots": {}, "long_doc_gap_closed": {}, "skipped": [],
            "timings": {}, "quality": {"level_1": None, "level_2": None, "lens": None,
                                       "reasons": dict.fromkeys(("level_1", "level_2", "lens"), "not in --tasks")}}
     print(f"mc_eval: {info['source']} GPT depth {gpt.config.n_layer} width {gpt.config.n_embd}, budget {budget}, "
@@ -533,15 +582,17 @@ def main(argv=None):
             continue
         t0 = time.perf_counter()
         n = args.trials if task == "passkey" else needle_trials
-        acc, slots, hits, by_depth, skipped = run_exact_task(task, models, methods, budget, multiples, n, depths,
-                                                             filler, args.seed)
+        acc, slots, hits, by_depth, by_align, skipped = run_exact_task(task, models, methods, budget, multiples, n,
+                                                                       depths, filler, args.seed)
         res[task], res["context_slots"][task], res["lens_hit_rate"][task] = acc, slots, hits
         res["skipped"] += skipped
         if task == "passkey":
-            res["passkey_depth"] = by_depth
+            res["passkey_depth"], res["passkey_alignment"] = by_depth, by_align
         res["timings"][task] = round(time.perf_counter() - t0, 2)
         for mult, cell in acc.items():
             print(f"{task:9s} {mult:>4s}x  " + "  ".join(f"{m} {_pct(v)}" for m, v in cell.items()))
+        for line in alignment_lines(res["passkey_alignment"], methods) if task == "passkey" else ():
+            print(line)
     if "long_doc" in tasks:
         t0 = time.perf_counter()
         nll, gaps, used = run_long_doc(models, methods, budget, texts, doc_tokens, args.doc_target, args.docs)

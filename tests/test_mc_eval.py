@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext.baselines import (METHODS, SINKS, Models, answer_matches, build_contexts, continuation_nll,
-                                   greedy_decode, mean_pool_reader, shared_length, span_is_raw)
-from megacontext.retrieval import lens_focus, start_wc
+from megacontext.baselines import (METHODS, SINKS, Models, answer_matches, boundary_level, build_contexts,
+                                   continuation_nll, greedy_decode, mean_pool_reader, shared_length, span_is_raw)
+from megacontext.retrieval import entry_covering, lens_focus, start_wc
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.kvcache import full_logits
@@ -170,6 +170,18 @@ def test_lens_focus_fills_the_budget_and_hit_detection():
     assert span_is_raw(pyr, (n - 10, n), 32) and not span_is_raw(pyr, (5, 9), 32)
 
 
+def test_boundary_level_names_the_coarsest_boundary_a_span_crosses():
+    K = 4  # blocks of 4 tokens, regions of 16, level-3 nodes of 64
+    assert boundary_level((0, 4), K, 3) == 0 and boundary_level((5, 8), K, 3) == 0  # inside one block
+    assert boundary_level((3, 5), K, 3) == 1 and boundary_level((17, 31), K, 3) == 1  # two blocks, one region
+    assert boundary_level((15, 17), K, 3) == 2 and boundary_level((47, 49), K, 3) == 2  # two regions
+    assert boundary_level((63, 65), K, 3) == 3 and boundary_level((63, 65), K, 2) == 2  # capped at max_level
+    for a in range(0, 70):  # brute force: the coarsest level whose nodes split the span's tokens
+        for b in range(a + 1, 72):
+            split = [L for L in (1, 2, 3) if len({t // K ** L for t in range(a, b)}) > 1]
+            assert boundary_level((a, b), K, 3) == max(split, default=0)
+
+
 class WantsBlocks:
     """A LensNet stand-in that wants the gists covering the given raw blocks (score 1) and nothing else (-0.5)."""
 
@@ -225,6 +237,8 @@ def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
     assert a["passkey"]["4"]["full"] is None and a["passkey"]["1"]["full"] is not None  # 4x > sequence_len
     assert "gap_closed" in a["long_doc"] and set(a["long_doc"]) == set(METHODS) | {"gap_closed"}
     assert set(a["passkey_depth"]["1"]) == {"0.1", "0.9"}
+    for row in a["passkey_alignment"].values():  # every trial counted under exactly one alignment
+        assert sum(c["n"] for c in row.values()) == 4 and all(set(c) == {"n"} | set(METHODS) for c in row.values())
     for task in ("passkey", "needle", "kv_recall"):  # the counted budget, recorded per cell
         for cell in a["context_slots"][task].values():
             used = {v for m, v in cell.items() if m != "full" and v is not None}
@@ -243,12 +257,25 @@ def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
     # report section: tables for every task and method, the verdict, the losses
     with open(os.path.join(tiny_base_env, "report", "megacontext-evaluation.md")) as f:
         md = f.read()
-    for s in ("## MegaContext evaluation", "### Passkey retrieval", "### Multi-key needle", "### Key-value recall",
-              "### Long-document NLL", "slot vs gaussian", "Where MegaContext loses", "| megacontext_gaussian |",
-              "mc_eval_passkey.png"):
+    for s in ("## MegaContext evaluation", "### Passkey retrieval", "### Passkey by needle alignment",
+              "### Multi-key needle", "### Key-value recall", "### Long-document NLL", "slot vs gaussian",
+              "Where MegaContext loses", "| megacontext_gaussian |", "mc_eval_passkey.png"):
         assert s in md, s
     from nanochat.report import get_report
     assert "### Passkey retrieval" in open(get_report().generate()).read()
+
+
+def test_random_depths_vary_the_needle_alignment(tiny_base_env, tmp_path):
+    """--depths random: no depth table, and the needles land at varied offsets (a fixed depth puts every
+    trial's needle at nearly the same token), so the alignment split holds more than one level."""
+    res = _run(tmp_path / "r.json", ["--depths", "random", "--tasks", "passkey", "--trials", "24", "--multiples", "4",
+                                     "--methods", "truncation,megacontext", "--no-report"])
+    assert res["config"]["depths"] == "random" and res["passkey_depth"] == {}
+    row = res["passkey_alignment"]["4"]
+    assert sum(c["n"] for c in row.values()) == 24 and len(row) >= 2
+    from scripts.mc_eval import UserError, main
+    with pytest.raises(UserError, match="random"):
+        main(["--random-init", "--depths", "0.5,1.5", "--out", str(tmp_path / "x.json")])
 
 
 def test_validate_result_rejects_bad_shapes():
@@ -258,7 +285,9 @@ def test_validate_result_rejects_bad_shapes():
     assert validate_result(good)
     for bad in ({**good, "passkey": {"4x": {"truncation": 0.5}}}, {**good, "passkey": {"4": {"truncation": 1.5}}},
                 {**good, "long_doc": {"truncation": 2.0}}, {k: v for k, v in good.items() if k != "needle"},
-                {**good, "long_doc": {"truncation": float("nan"), "gap_closed": 0.1}}):
+                {**good, "long_doc": {"truncation": float("nan"), "gap_closed": 0.1}},
+                {**good, "passkey_alignment": {"4": {"two": {"n": 1, "truncation": 0.5}}}},
+                {**good, "passkey_alignment": {"4": {"2": {"truncation": 0.5}}}}):
         with pytest.raises(ValueError, match="documented shape"):
             validate_result(bad)
 
