@@ -147,7 +147,9 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
     least (lowest mean score) folds into its level-2 parent, freeing K - 1 slots for one more expansion: a
     needle's key and label can need a block more than the start left room for (passkey at 16x on the
     runcpu model: 92 -> 100 %; dev/LOG.md, session 4). A region focus itself opened is never folded: it was
-    opened to find a block in it, which the next pass expands."""
+    opened to find a block in it, which the next pass expands. Where no such group is left (past K regions
+    the start is all level-2 gists), K level-2 regions fold into their level-3 parent instead (passkey at
+    256x: the opened region's block was one slot over the budget; dev/LOG.md, session 6)."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     K = cfg.block_size
@@ -168,12 +170,15 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
             continue
         scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)
         groups = collapse_groups(wc, cfg, scores)
-        # K level-1 siblings (never one holding a raw block), not a region focus opened
-        l1 = np.flatnonzero((groups["level"] == 2) & ~np.isin(groups["index"], list(opened)))
-        if len(l1) == 0:
+        # K level-1 siblings (never one holding a raw block), not a region focus opened; where there are
+        # none, K level-2 siblings (never one focus opened: that is level-1 gists now) into level 3
+        fold = np.flatnonzero((groups["level"] == 2) & ~np.isin(groups["index"], list(opened)))
+        if len(fold) == 0:
+            fold = np.flatnonzero(groups["level"] == 3)
+        if len(fold) == 0:
             break
-        k = l1[np.argmin(groups["score"][l1])]
-        wc = apply_edits(wc, [Edit("collapse", 2, int(groups["index"][k]))], cfg)
+        k = fold[np.argmin(groups["score"][fold])]
+        wc = apply_edits(wc, [Edit("collapse", int(groups["level"][k]), int(groups["index"][k]))], cfg)
         collapses -= 1
     return wc
 

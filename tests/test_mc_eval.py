@@ -212,6 +212,20 @@ def test_lens_focus_collapses_an_unwanted_group_to_open_one_more_block():
     assert wc_cost(wc, K) == wc_cost(without, K)  # the same budget, spent on the wanted blocks
 
 
+def test_lens_focus_folds_level_2_regions_into_level_3_when_no_level_1_group_is_left():
+    """Past K regions the start is all level-2 gists: the wanted block's region opens, and the block needs
+    one more expansion than the budget leaves, so K older regions fold into their level-3 parent."""
+    cfg = MCConfig(block_size=4, max_level=3, budget=28, tail_tokens=4, lens_dim=32, lens_heads=2, lens_layers=1)
+    K, n, blk = cfg.block_size, 254, 21  # block 21 lies in region 5, outside the first level-3 node (regions 0-3)
+    start = start_wc(n, cfg.budget, cfg)
+    assert start.levels[entry_covering(start, blk * K, K)] == 2 and (start.levels == 3).sum() == 0
+    assert wc_cost(start, K) + 2 * (K - 1) > cfg.budget  # region + block do not fit as they are
+    wc = lens_focus(n, cfg.budget, cfg, WantsBlocks([blk], K), None, None)
+    check_invariants(wc, cfg, cfg.budget)
+    assert span_is_raw(wc, (blk * K, blk * K + K), K)
+    assert (wc.levels == 3).sum() == 1  # K regions that LensNet does not want, folded into one gist
+
+
 # -----------------------------------------------------------------------------
 # the script: JSON shape, determinism, plots, report
 
