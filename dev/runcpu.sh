@@ -63,7 +63,8 @@ python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" -
 python -m scripts.chat_eval -i sft -a offline -x 20 -m 48
 step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
-  python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20 --needle-trials 10 --docs 64 --doc-tokens 1088
+  # 256 stretches: the gist substitutability's 90 % interval over 64 rows was 0.20-0.67 (dev/LOG.md, session 6)
+  python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20 --needle-trials 10 --docs 256 --doc-tokens 1088
 else
   python -m scripts.mc_eval --source sft --quick --baselines-only
 fi

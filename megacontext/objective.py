@@ -378,20 +378,21 @@ def _top1(scores, delta, legal):
 # evaluation helpers (dev/mc_experiment.py, scripts/mc_eval.py)
 
 @torch.no_grad()
-def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1):
+def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1, per_row=False):
     """
     Mean next-token NLL of the target x[:, s:] (labels y[:, s:]) with the history [0, s) given as:
     `raw` (all tokens), `gists` (everything before the raw tail as gists of level <= `level`, coarsest
     tiling), `dropped` (the raw tail only), `none` (no history). substitutability =
     (NLL_dropped - NLL_gists) / (NLL_dropped - NLL_raw): 1 = the gists replace the raw tokens fully,
-    0 = they add nothing. The LM guard compares nll_gists with nll_none and nll_raw.
+    0 = they add nothing. The LM guard compares nll_gists with nll_none and nll_raw. per_row=True adds
+    "rows": {name: each row's mean NLL} (what a confidence interval resamples).
     """
     wte = gpt.transformer.wte
     B = x.size(0)
     levels = build_gists(gistnet, wte(x[:, :s]), cfg)
     readers = [GistLevels(x[b, :s], [None] + [lv[b] for lv in levels[1:]]) for b in range(B)]
     keep = s - tail_start(s, cfg)
-    out = {}
+    out, rows = {}, {}
     for name in ("raw", "gists", "dropped", "none"):
         if name == "raw":
             parts = [wc_part(all_raw(s, cfg), r, wte, cfg) for r in readers]
@@ -401,9 +402,10 @@ def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1):
             parts = [raw_suffix_part(x[b, :s], keep if name == "dropped" else 0, wte, cfg) for b in range(B)]
         sums, counts = chunked_row_nll(gpt, parts, x[:, s:], y[:, s:], s, wte, cfg)
         out[f"nll_{name}"] = float(sums.sum() / counts.sum().clamp_min(1))
+        rows[name] = (sums / counts.clamp_min(1)).tolist()
     gap = out["nll_dropped"] - out["nll_raw"]
     out["substitutability"] = (out["nll_dropped"] - out["nll_gists"]) / gap if abs(gap) > 1e-9 else float("nan")
-    return out
+    return dict(out, rows=rows) if per_row else out
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ task read.
   only) / absent, and (dropped - gists) / (dropped - raw); level 2's raw reference may exceed the
   GPT's context, which the JSON says (raw_fits_context);
 - the LM guard: gists must beat no history at every level;
-- LensNet pair agreement and top-1 against counterfactual delta_nll.
+- LensNet pair agreement and top-1 against counterfactual delta_nll;
+- 90 % bootstrap intervals over rows for the substitutability and the agreement: on a toy GPT the gap
+  (dropped - raw) is a few hundredths of a nat, and 64 rows moved the ratio by 0.08 against 256.
 """
 import dataclasses
 import math
@@ -23,6 +25,34 @@ QUALITY_LEVEL_KEYS = ("history_tokens", "target_tokens", "rows", "nll_raw", "nll
                       "substitutability")
 
 QUALITY_LENS_KEYS = ("history_tokens", "rows", "agreement", "top1", "delta_nll")
+
+BOOTSTRAP = 2000  # resamples of the rows for each interval
+
+
+def bootstrap_ci(columns, stat, seed, n=BOOTSTRAP, level=0.9):
+    """
+    Percentile interval [lo, hi] of stat(*column means) over n resamples of the rows (columns: equal-length
+    sequences, resampled together). Resamples where stat is not finite (a ratio whose gap vanished) are
+    dropped; None when fewer than half remain or there are fewer than two rows.
+    """
+    cols = np.asarray(columns, dtype=np.float64)
+    if cols.ndim != 2 or cols.shape[1] < 2:
+        return None
+    idx = np.random.default_rng([seed, 7]).integers(0, cols.shape[1], (n, cols.shape[1]))
+    means = cols[:, idx].mean(-1)  # (columns, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = np.asarray(stat(*means), dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if len(vals) < n // 2:
+        return None
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def substitutability_ratio(dropped, gists, raw):
+    """(dropped - gists) / (dropped - raw), NaN where the gap is not positive (undefined)."""
+    gap = dropped - raw
+    return np.where(gap > 1e-6, (dropped - gists) / np.where(gap > 1e-6, gap, 1.0), np.nan)
 
 
 def doc_windows(texts, tok, doc_tokens, n_docs):
@@ -116,18 +146,21 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
             ws = cut(key, s) if s is not None else []
             if not ws:
                 continue
-            sums = dict.fromkeys(("raw", "gists", "dropped", "none"), 0.0)
+            rows = {k: [] for k in ("raw", "gists", "dropped", "none")}
             for x, y in tqdm(list(token_batches(ws, device, batch)), desc=f"quality L{level}", disable=not progress,
                              leave=False):
-                r = gist_substitutability(gpt, gistnet, x, y, s, cfg, level)
-                for k in sums:  # every row scores `target` tokens: the row-weighted mean is the token mean
-                    sums[k] += r[f"nll_{k}"] * x.size(0)
-            nll = {k: round(v / len(ws), 6) for k, v in sums.items()}
+                r = gist_substitutability(gpt, gistnet, x, y, s, cfg, level, per_row=True)
+                for k in rows:
+                    rows[k] += r["rows"][k]
+            # every row scores `target` tokens: the mean of the row means is the token mean
+            nll = {k: round(float(np.mean(v)), 6) for k, v in rows.items()}
             gap = nll["dropped"] - nll["raw"]
             out[key] = {"history_tokens": s, "target_tokens": target, "rows": len(ws),
                         **{f"nll_{k}": v for k, v in nll.items()},
                         # like gaps_closed: undefined unless the raw history beats the raw tail alone
                         "substitutability": round((nll["dropped"] - nll["gists"]) / gap, 4) if gap > 1e-6 else None,
+                        "substitutability_ci": bootstrap_ci([rows["dropped"], rows["gists"], rows["raw"]],
+                                                            substitutability_ratio, seed) if gap > 1e-6 else None,
                         "lm_guard": bool(nll["gists"] < nll["none"]), "raw_fits_context": s + target <= seq_len}
             if out[key]["substitutability"] is None:
                 reasons[key] = ("the raw history does not lower the target NLL below the raw tail's (NLL raw >= "
@@ -155,10 +188,17 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
                 return round(sum(v) / len(v), 4) if v else None
 
             out[key] = {"history_tokens": s, "rows": len(rows), "agreement": avg("agreement"), "top1": avg("top1"),
-                        "delta_nll": avg("delta_nll")}
+                        "delta_nll": avg("delta_nll"),
+                        "agreement_ci": bootstrap_ci([[r["agreement"] for r in rows]], lambda a: a, seed)}
             if out[key]["agreement"] is None:
                 reasons[key] = "no row has two candidates with different counterfactual delta_nll"
     return dict(out, reasons=reasons)
+
+
+def _ci(r, key):
+    """' (90 % CI lo-hi)' from r[key], or '' when there is none."""
+    ci = r.get(key)
+    return "" if not ci else f" (90 % CI {ci[0]:.3f} to {ci[1]:.3f})"
 
 
 def quality_lines(q):
@@ -173,11 +213,12 @@ def quality_lines(q):
             continue
         lines.append(f"quality   L{level} s={r['history_tokens']} rows={r['rows']}: NLL raw {f(r['nll_raw'])} gists "
                      f"{f(r['nll_gists'])} dropped {f(r['nll_dropped'])} none {f(r['nll_none'])}  substitutability "
-                     f"{f(r['substitutability'], '.3f')}  lm_guard {r['lm_guard']}"
+                     f"{f(r['substitutability'], '.3f')}{_ci(r, 'substitutability_ci')}  lm_guard {r['lm_guard']}"
                      + ("" if r["raw_fits_context"] else "  (raw reference beyond sequence_len)"))
     r = q.get("lens")
     lines.append(f"quality   lens: null ({q['reasons'].get('lens', '')})" if r is None else
-                 f"quality   lens s={r['history_tokens']} rows={r['rows']}: pair agreement {f(r['agreement'], '.3f')} "
+                 f"quality   lens s={r['history_tokens']} rows={r['rows']}: pair agreement {f(r['agreement'], '.3f')}"
+                 f"{_ci(r, 'agreement_ci')} "
                  f"top1 {f(r['top1'], '.3f')} best delta_nll {f(r['delta_nll'])} nats/row")
     return lines
 
@@ -208,6 +249,10 @@ def quality_problems(q, number_or_null):
         for k in ("agreement", "top1"):
             if k in keys and r.get(k) is not None and number_or_null(r[k]) and not 0 <= r[k] <= 1:
                 out.append(f"quality[{name}][{k}] = {r[k]!r} is not in [0, 1]")
+        ci = r.get("agreement_ci" if name == "lens" else "substitutability_ci")  # optional: older JSON lacks it
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number_or_null(v) and v is not None
+                                                                                  for v in ci) and ci[0] <= ci[1]):
+            out.append(f"quality[{name}] interval {ci!r} is not [lo, hi] with lo <= hi")
     reasons = q.get("reasons", {})
     if not isinstance(reasons, dict) or not all(isinstance(v, str) for v in reasons.values()):
         out.append("quality['reasons'] must map entries to strings")
@@ -229,7 +274,7 @@ def quality_markdown(q, c):
             notes.append(f"level {level}: not measured ({reasons.get(f'level_{level}', 'no reason given')})")
             continue
         star = "" if r["raw_fits_context"] else "*"
-        sub = "-" if r["substitutability"] is None else f"{r['substitutability']:.3f}"
+        sub = "-" if r["substitutability"] is None else f"{r['substitutability']:.3f}{_ci(r, 'substitutability_ci')}"
         guard = "-" if r["lm_guard"] is None else ("pass" if r["lm_guard"] else "FAIL")
         rows.append(f"| {level} | {r['history_tokens']} | {f(r['nll_raw'])}{star} | {f(r['nll_gists'])} | "
                     f"{f(r['nll_dropped'])} | {f(r['nll_none'])} | {sub} | {guard} |")
@@ -244,7 +289,8 @@ def quality_markdown(q, c):
     else:
         ag = "-" if lens["agreement"] is None else f"{lens['agreement']:.3f}"
         t1 = "-" if lens["top1"] is None else f"{lens['top1']:.3f}"
-        line = (f"LensNet pair agreement with counterfactual delta_nll: **{ag}** (target >= 0.75, random 0.5); "
+        line = (f"LensNet pair agreement with counterfactual delta_nll: **{ag}**{_ci(lens, 'agreement_ci')} (target >= "
+                f"0.75, random 0.5); "
                 f"top-1 {t1} ({lens['rows']} rows, {lens['history_tokens']}-token histories)"
                 + (f"; {reasons['lens']}." if lens["agreement"] is None and "lens" in reasons else "."))
     n = max([r["rows"] for r in (q.get("level_1"), q.get("level_2")) if r] or [0])

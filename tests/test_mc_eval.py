@@ -446,6 +446,8 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
         gap = r["nll_dropped"] - r["nll_raw"]
         if gap > 1e-6:
             assert r["substitutability"] == pytest.approx((r["nll_dropped"] - r["nll_gists"]) / gap, abs=1e-4)
+            ci = r["substitutability_ci"]
+            assert ci is None or ci[0] <= ci[1]
         else:
             assert r["substitutability"] is None and "undefined" in q["reasons"][key]
     assert lens["history_tokens"] == 224 and 0 < lens["rows"] <= 2
@@ -476,23 +478,43 @@ def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
     assert res["config"]["trials"] == 4 and res["config"]["depths"] == [0.1, 0.9]
 
 
+def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_rows():
+    from megacontext.quality import bootstrap_ci, substitutability_ratio
+    rng = np.random.default_rng(0)
+    raw = 6.0 + rng.normal(0, 0.3, 64)
+    dropped, gists = raw + 0.1 + rng.normal(0, 0.05, 64), raw + 0.05 + rng.normal(0, 0.05, 64)
+    point = float(substitutability_ratio(dropped.mean(), gists.mean(), raw.mean()))
+    lo, hi = bootstrap_ci([dropped, gists, raw], substitutability_ratio, seed=0)
+    assert lo < point < hi and 0.2 < lo and hi < 0.8  # 0.5 by construction, within the sampling noise
+    lo4, hi4 = bootstrap_ci([np.tile(c, 4) for c in (dropped, gists, raw)], substitutability_ratio, seed=0)
+    assert hi4 - lo4 < 0.7 * (hi - lo)  # four times the rows: about half the width
+    assert bootstrap_ci([[0.7] * 10], lambda a: a, seed=0) == [0.7, 0.7]  # no spread, no interval
+    assert bootstrap_ci([[0.7]], lambda a: a, seed=0) is None  # one row cannot be resampled
+    flat = np.full(16, 6.0)  # the gap vanishes in every resample: undefined, not a number
+    assert bootstrap_ci([flat, flat, flat], substitutability_ratio, seed=0) is None
+    assert bootstrap_ci([dropped, gists, raw], substitutability_ratio, seed=0) == [lo, hi]  # seeded
+
+
 def test_quality_shape_and_report_rows():
     from scripts.mc_eval import quality_markdown, validate_result
     lvl = {"history_tokens": 960, "target_tokens": 64, "rows": 4, "nll_raw": 3.0, "nll_gists": 3.2,
            "nll_dropped": 3.4, "nll_none": 4.0, "substitutability": 0.5, "lm_guard": True, "raw_fits_context": True}
-    q = {"level_1": lvl, "level_2": None, "lens": {"history_tokens": 960, "rows": 4, "agreement": 0.8, "top1": 0.5,
-                                                   "delta_nll": 1.25}, "reasons": {"level_2": "max_level 1"}}
+    q = {"level_1": {**lvl, "substitutability_ci": [0.25, 0.75]}, "level_2": None,
+         "lens": {"history_tokens": 960, "rows": 4, "agreement": 0.8, "top1": 0.5, "delta_nll": 1.25,
+                  "agreement_ci": [0.7, 0.9]}, "reasons": {"level_2": "max_level 1"}}
     base = {"config": {}, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None}}
     assert validate_result({**base, "quality": q})
     for bad in ({**q, "lens": {**q["lens"], "agreement": 1.5}}, {**q, "level_1": {**lvl, "lm_guard": "yes"}},
                 {**q, "level_1": {**lvl, "nll_raw": float("nan")}}, {k: v for k, v in q.items() if k != "lens"},
-                {**q, "level_2": 3.0}, {**q, "level_1": {k: v for k, v in lvl.items() if k != "rows"}}, []):
+                {**q, "level_2": 3.0}, {**q, "level_1": {k: v for k, v in lvl.items() if k != "rows"}}, [],
+                {**q, "level_1": {**lvl, "substitutability_ci": [0.75, 0.25]}},
+                {**q, "lens": {**q["lens"], "agreement_ci": 0.8}}):
         with pytest.raises(ValueError, match="documented shape"):
             validate_result({**base, "quality": bad})
     md = quality_markdown(q, {"doc_target": 64, "sequence_len": 1024})
-    assert "| 1 | 960 | 3.0000 | 3.2000 | 3.4000 | 4.0000 | 0.500 | pass |" in md
+    assert "| 1 | 960 | 3.0000 | 3.2000 | 3.4000 | 4.0000 | 0.500 (90 % CI 0.250 to 0.750) | pass |" in md
     assert "| 2 | - |" in md and "level 2: not measured (max_level 1)" in md
-    assert "**0.800** (target >= 0.75, random 0.5); top-1 0.500" in md
+    assert "**0.800** (90 % CI 0.700 to 0.900) (target >= 0.75, random 0.5); top-1 0.500" in md
     md = quality_markdown({**q, "level_1": {**lvl, "raw_fits_context": False, "lm_guard": False}},
                           {"doc_target": 64, "sequence_len": 512})
     assert "3.0000* |" in md and "FAIL" in md and "exceeds the GPT's sequence length (512)" in md
