@@ -196,7 +196,7 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
 
 
 def _ci(r, key):
-    """' (90 % CI lo-hi)' from r[key], or '' when there is none."""
+    """' (90 % CI lo to hi)' from r[key], or '' when there is none."""
     ci = r.get(key)
     return "" if not ci else f" (90 % CI {ci[0]:.3f} to {ci[1]:.3f})"
 

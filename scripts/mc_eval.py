@@ -14,26 +14,28 @@ context, gaussian positions), full (all tokens raw; null where the history excee
 method but full reads exactly the same number of GPT input slots (counted and checked per example).
 
 Tasks (tasks/longctx.py), filler = validation-shard text: passkey (5-digit key, greedy decoding, exact
-match that rejects near misses) at history = multiple x budget for each --multiples and needle
-depths --depths (trials cycle through the depths; 'random' draws one per trial); needle (multi-key with near-miss decoys; the
-question names the key); kv_recall; long_doc (mean NLL of the last --doc-target tokens of
---doc-tokens stretches of validation text, and the share of the truncation->full gap closed); quality
-(the training-proof figures, on the same validation text: per gist level, the target NLL with the
-history raw / as gists / dropped to the raw tail / absent, the gists' substitutability for the raw
+match that rejects near misses) at history = multiple x budget for each --multiples and needle depths
+--depths (trials cycle through the depths; 'random' draws one per trial); needle (multi-key with
+near-miss decoys; the question names the key); kv_recall; long_doc (mean NLL of the last --doc-target
+tokens of --doc-tokens stretches of validation text, and the share of the truncation->full gap closed);
+quality (the training-proof figures, on the same validation text: per gist level, the target NLL with
+the history raw / as gists / dropped to the raw tail / absent, the gists' substitutability for the raw
 tokens and the LM guard; LensNet's pair agreement and top-1 against counterfactual expansions).
 
 Output JSON: {"config", "passkey": {"<multiple>": {"<method>": acc}}, "needle": {...}, "kv_recall":
-{...}, "long_doc": {"<method>": nll, "gap_closed": float}} plus extras: passkey_depth
-{"<multiple>": {"<depth>": {"<method>": acc}}}, passkey_alignment {"<multiple>": {"<level>": {"n": trials,
-"<method>": acc}}} (level = the coarsest block-tree boundary the needle sentence crosses: 0 inside one
-block, 1 across two blocks of one region, 2 across two level-2 regions, ...), lens_hit_rate {"<task>": {"<multiple>": {"<method>":
-share of examples whose asked key (or needle) is raw in the working context}}}, context_slots, long_doc_gap_closed
-(per method), position_scheme (slot vs gaussian), timings, and quality: {"level_1": Q, "level_2": Q, "lens":
-L, "reasons": {"<entry>": why it is null}} with Q = null or {"history_tokens", "target_tokens", "rows",
-"nll_raw", "nll_gists", "nll_dropped", "nll_none", "substitutability", "lm_guard": bool,
-"raw_fits_context": bool} and L = null or {"history_tokens", "rows", "agreement", "top1", "delta_nll" (the
-best single expansion's NLL drop, nats summed over the target, as the objective's mc/delta_nll)}
-(numbers may be null). Same checkpoint + flags -> same numbers.
+{...}, "long_doc": {"<method>": nll, "gap_closed": float}} plus extras: passkey_depth {"<multiple>":
+{"<depth>": {"<method>": acc}}}, passkey_alignment {"<multiple>": {"<level>": {"n": trials, "<method>":
+acc}}} (level = the coarsest block-tree boundary the needle sentence crosses: 0 inside one block, 1
+across two blocks of one region, 2 across two level-2 regions, ...), lens_hit_rate {"<task>":
+{"<multiple>": {"<method>": share of examples whose asked key (or needle) is raw in the working
+context}}}, context_slots, long_doc_gap_closed (per method), position_scheme (slot vs gaussian),
+timings, and quality: {"level_1": Q, "level_2": Q, "lens": L, "reasons": {"<entry>": why it is null}}
+with Q = null or {"history_tokens", "target_tokens", "rows", "nll_raw", "nll_gists", "nll_dropped",
+"nll_none", "substitutability", "substitutability_ci" ([lo, hi]: a 90 % bootstrap interval over rows),
+"lm_guard": bool, "raw_fits_context": bool} and L = null or {"history_tokens", "rows", "agreement",
+"top1", "delta_nll" (the best single expansion's NLL drop, nats summed over the target, as the
+objective's mc/delta_nll), "agreement_ci"} (numbers may be null). Same checkpoint + flags -> same
+numbers.
 
 A checkpoint without GistNet/LensNet weights is an error; --baselines-only runs the methods that need
 none (truncation, sinks, mean_pool, full) and reports the MegaContext methods (and quality) as null.
@@ -568,11 +570,13 @@ def main(argv=None):
               "n_embd": gpt.config.n_embd, "vocab": gpt.config.vocab_size, "sequence_len": gpt.config.sequence_len,
               "budget": budget, "block_size": cfg.block_size, "tail_tokens": cfg.tail_tokens,
               "max_level": cfg.max_level, "positions": cfg.positions, "methods": methods, "tasks": tasks,
-              "multiples": multiples, "depths": depths or "random", "trials": args.trials, "needle_trials": needle_trials,
+              "multiples": multiples, "depths": depths or "random", "trials": args.trials,
+              "needle_trials": needle_trials,
               "docs": args.docs, "doc_tokens": doc_tokens, "doc_target": args.doc_target, "seed": args.seed,
               "quick": args.quick}
     res = {"config": config, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None},
-           "passkey_depth": {}, "passkey_alignment": {}, "lens_hit_rate": {}, "context_slots": {}, "long_doc_gap_closed": {}, "skipped": [],
+           "passkey_depth": {}, "passkey_alignment": {}, "lens_hit_rate": {}, "context_slots": {},
+           "long_doc_gap_closed": {}, "skipped": [],
            "timings": {}, "quality": {"level_1": None, "level_2": None, "lens": None,
                                       "reasons": dict.fromkeys(("level_1", "level_2", "lens"), "not in --tasks")}}
     print(f"mc_eval: {info['source']} GPT depth {gpt.config.n_layer} width {gpt.config.n_embd}, budget {budget}, "

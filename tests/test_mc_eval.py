@@ -473,7 +473,8 @@ def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
         md = f.read()
     assert "### Gist quality and LensNet agreement" in md and "| 1 | 224 |" in md and "LensNet pair agreement" in md
     # --quick lowers only the counts left unset: explicit flags win even when they equal the full defaults
-    res = _run(tmp_path / "q.json", ["--tasks", "quality", "--no-report", "--quick", "--multiples", "1,4,16,64,256", "--docs", "50"])
+    res = _run(tmp_path / "q.json", ["--tasks", "quality", "--no-report", "--quick", "--multiples", "1,4,16,64,256",
+                                     "--docs", "50"])
     assert res["config"]["multiples"] == [1, 4, 16, 64, 256] and res["config"]["docs"] == 50
     assert res["config"]["trials"] == 4 and res["config"]["depths"] == [0.1, 0.9]
 
