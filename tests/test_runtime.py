@@ -256,6 +256,7 @@ def test_mc_bench_writes_the_documented_json(tmp_path, monkeypatch):
     assert out["decode_ms_per_token"]["300"]["full_kv"] > 0 and out["decode_ms_per_token"]["3000"]["full_kv"] is None
     assert out["decode_ms_per_token"]["3000"]["megacontext"] > 0
     assert out["ingest_tok_per_s"] > 0 and out["refocus_speedup"] > 0 and set(out["rss_mb"]) == {"300", "3000"}
+    assert out["decode_ratio_last_first"] > 0
     # L0 stores 4-byte ids; gists add 2 * 64 bytes per 32 tokens at level 1 (fp16): ~8 bytes/token
     assert 4 < out["bytes_per_token"] < 12
     assert all(w["wc_cost"] <= 192 for w in out["wc"].values())
