@@ -136,7 +136,7 @@ def focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg):
 MAX_COLLAPSES = 2  # groups of level-1 gists focus may fold into their level-2 parent to make room
 
 
-def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=MAX_COLLAPSES):
+def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=MAX_COLLAPSES, trace=None):
     """LensNet focus: from `start_wc` (level 1 where the history allows, else coarser), expand the best-scored
     gist and rescore, one expansion a pass, until none fits the budget. One at a time because LensNet is
     trained for its top-1 (the needle's covering gist at each level): expanding its top-k at once spends the
@@ -149,7 +149,8 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
     runcpu model: 92 -> 100 %; dev/LOG.md, session 4). A region focus itself opened is never folded: it was
     opened to find a block in it, which the next pass expands. Where no such group is left (past K regions
     the start is all level-2 gists), K level-2 regions fold into their level-3 parent instead (passkey at
-    256x: the opened region's block was one slot over the budget; dev/LOG.md, session 6)."""
+    256x: the opened region's block was one slot over the budget; dev/LOG.md, session 6). `trace`: a list that
+    receives the (level, index) of each gist focus expands, best first (the runtime keeps those blocks)."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     K = cfg.block_size
@@ -166,6 +167,8 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
             j = focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg)
             if wc.levels[j] == 2:
                 opened.add(int(wc.indices[j]))
+            if trace is not None:
+                trace.append((int(wc.levels[j]), int(wc.indices[j])))
             wc = expand(wc, j, cfg)
             continue
         scores = rerank_scores(scores, wc, reader, reranker, wte, cfg)

@@ -14,7 +14,11 @@ passes so a level-2 gist can reach raw tokens. A chunk longer than the budget is
 in one batched call. After every ingest (a document, a question, a chat turn) the WC is rebuilt by
 `focus`: two-stage focus from the start tiling (retrieval.lens_focus, the procedure mc_eval measures),
 so the GPT answers a new message with the blocks that message asks about open. The allocator's
-incremental edits then keep the WC in budget while the reply is generated. (With the allocator alone, a
+incremental edits then keep the WC in budget while the reply is generated; the raw blocks focus opened
+are the last it collapses, the latest opened first (focus opens best first). Without that, the reply's
+first token pushed a full WC over budget and the allocator folded the block holding the answer
+(passkey at 4x through the runtime: 87 % vs 100 % for the same WC read without appending; dev/LOG.md,
+session 6). (With the allocator alone, a
 pass key 4-64x the budget behind the question was raw 0-10 % of the time: from a recency pyramid there
 was no room to open it; dev/LOG.md, session 4.) The GPT only
 runs on a WC within budget, through a WCKVCache (kvcache.py) that recomputes only from the first
@@ -93,6 +97,24 @@ def sample_token(logits, temperature, top_k, rng):
     return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng))
 
 
+def keep_scores(scores, wc, kept):
+    """
+    The allocator's scores with the raw blocks in `kept` (best first) lifted above every LensNet score (in
+    (-1, 1)): 2 - r / len(kept) for rank r, so a forced collapse folds them last, the latest-kept first,
+    and no voluntary collapse (score < -tau) picks them. Gists keep their scores (a lifted gist would be
+    expanded).
+    """
+    if not kept:
+        return scores
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    rank = {b: r for r, b in enumerate(kept)}
+    for j in np.flatnonzero(wc.levels == 0):
+        r = rank.get(int(wc.indices[j]))
+        if r is not None:
+            scores[j] = 2.0 - r / len(kept)
+    return scores
+
+
 class MCSession:
 
     def __init__(self, gpt, gistnet, lensnet, tokenizer, cfg, memory_dir=None, device=None, budget=None,
@@ -120,6 +142,7 @@ class MCSession:
         self.memory_dir = os.path.abspath(os.path.expanduser(memory_dir)) if memory_dir else None
         self.kv = WCKVCache(self.gpt, cfg)
         self.cooldown = CooldownState()
+        self.kept = []           # raw blocks the last focus opened, best first (collapsed last)
         self.refocus_count = 0
         self.edit_count = 0
         self.since_refocus = 0   # tokens appended since the last refocus
@@ -230,6 +253,7 @@ class MCSession:
         self.wc, self.cooldown = wc, cooldown
         self.refocus_count, self.since_refocus = int(state["refocus_count"]), int(state["since_refocus"])
         self.edit_count = int(state.get("edit_count", 0))
+        self.kept = [int(b) for b in state.get("kept", [])]  # older memories lack it: nothing kept
         if N > wc.num_tokens:  # tokens committed after the last save (e.g. a crash): catch the WC up
             logger.warning(f"memory {d}: {N - wc.num_tokens} tokens were appended after the last save; "
                            f"catching the working context up")
@@ -294,8 +318,10 @@ class MCSession:
         tiling, LensNet's best gist expanded one at a time, the reranker choosing among the blocks LensNet
         shortlists in the WC and inside its best level-2 regions). The newest tokens (the question) are the
         present it scores against."""
+        trace = []
         self.wc = lens_focus(self.tree.num_tokens, self.cfg.budget, self.cfg, self.lensnet, self.tree,
-                             self.gpt.transformer.wte, self.reranker)
+                             self.gpt.transformer.wte, self.reranker, trace=trace)
+        self.kept = [i for level, i in trace if level == 1]  # level-1 gists expanded: the blocks opened raw
         self.cooldown = CooldownState()  # a new WC: no fresh edit of the old one to protect
         self.refocus_count += 1
         self.since_refocus = 0
@@ -316,7 +342,8 @@ class MCSession:
         wte = self.gpt.transformer.wte
         for _ in range(self.passes):
             scores, _ = self.lensnet.score([self.wc], self.tree, wte)
-            scores = rerank_scores(scores[0], self.wc, self.tree, self.reranker, wte, self.cfg)
+            scores = keep_scores(rerank_scores(scores[0], self.wc, self.tree, self.reranker, wte, self.cfg),
+                                 self.wc, self.kept)
             e, self.wc, self.cooldown = allocator_refocus(self.wc, scores, self.cfg.budget, self.cooldown, self.cfg)
             edits += e
             if not e:
@@ -468,7 +495,7 @@ class MCSession:
                        "num_tokens": self.wc.num_tokens},
                 "cooldown": {"pass_idx": self.cooldown.pass_idx, "history": [list(h) for h in self.cooldown.history]},
                 "refocus_count": self.refocus_count, "since_refocus": self.since_refocus,
-                "edit_count": self.edit_count}
+                "edit_count": self.edit_count, "kept": list(self.kept)}
 
     def save(self):
         """Flush the tree and write session.json (atomically), so MCSession.open continues from here."""

@@ -14,8 +14,8 @@ from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
 from megacontext.reranker import Reranker
-from megacontext.runtime import MCSession, SessionError
-from megacontext.working_context import check_invariants, materialize
+from megacontext.runtime import MCSession, SessionError, keep_scores
+from megacontext.working_context import WorkingContext, check_invariants, materialize, wc_cost
 from nanochat.common import UserError
 from nanochat.gpt import GPT, config_from_depth
 
@@ -219,6 +219,36 @@ stats = s.stats()
 ids = list(s.generate_ids(max_tokens=int(sys.argv[2]), stop=False))
 print(json.dumps({"stats": stats, "ids": ids, "after": s.stats()}))
 """
+
+
+def test_keep_scores_lifts_kept_raw_blocks_by_rank():
+    wc = WorkingContext(np.array([1, 0, 0, 1, 0]), np.array([0, 1, 2, 3, 16]), 68)
+    scores = np.array([0.9, -0.5, 0.2, -0.9, 0.1])
+    out = keep_scores(scores, wc, kept=[2, 1, 3])  # block 3 is a gist here: not lifted
+    assert out.tolist() == [0.9, 2.0 - 1 / 3, 2.0, -0.9, 0.1] and scores[1] == -0.5  # a copy
+    assert keep_scores(scores, wc, []) is scores
+
+
+def test_reply_tokens_never_fold_the_blocks_focus_opened(tok):
+    """The reply's tokens push a full WC over budget: the allocator must fold something else than the blocks
+    focus opened for the question (it used to fold the block holding the answer)."""
+    folded_without = 0
+    for seed in range(4):
+        s = make_session(tok, tiny_cfg(), seed=seed)
+        s.ingest(np.random.default_rng(seed).integers(10, tok.get_vocab_size(), 12 * s.cfg.budget).tolist())
+        kept = list(s.kept)
+        assert kept and wc_cost(s.wc, s.K) > s.cfg.budget - (s.K - 1)  # focus opened blocks and filled the WC
+        edits = s.edit_count
+        for _ in s.generate_ids(12, stop=False):
+            raw = set(s.wc.indices[s.wc.levels == 0].tolist())
+            assert set(kept) <= raw and wc_cost(s.wc, s.K) <= s.cfg.budget
+        assert s.edit_count > edits  # the allocator did fold something to make room
+        s2 = make_session(tok, tiny_cfg(), seed=seed)  # the same without keeping: what the test guards against
+        s2.ingest(np.random.default_rng(seed).integers(10, tok.get_vocab_size(), 12 * s.cfg.budget).tolist())
+        s2.kept = []
+        list(s2.generate_ids(12, stop=False))
+        folded_without += not set(kept) <= set(s2.wc.indices[s2.wc.levels == 0].tolist())
+    assert folded_without > 0
 
 
 def test_saved_session_continues_identically_in_a_new_process(tok, tiny_base_env, tiny_docs, tmp_path):
