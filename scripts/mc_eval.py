@@ -43,7 +43,6 @@ none (truncation, sinks, mean_pool, full) and reports the MegaContext methods (a
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -53,12 +52,11 @@ import torch
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
 from megacontext.baselines import (MC_METHODS, METHODS, Models, answer_matches, boundary_level, build_contexts,
                                    continuation_nll, greedy_decode, span_is_raw)
-from megacontext.quality import (doc_windows, quality_lines, quality_markdown, quality_plan, quality_problems,
-                                 run_quality)
+from megacontext.eval_report import (EXACT_TASKS, alignment_lines, headline, mean_or_none, pct, report_markdown,
+                                     validate_result, write_plots)
+from megacontext.quality import doc_windows, quality_lines, quality_plan, run_quality
 
-EXACT_TASKS = ("passkey", "needle", "kv_recall")
 TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4, "quality": 5}
-BASELINES = ("truncation", "sinks", "mean_pool")
 QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
 FULL = {"trials": 50, "needle_trials": None, "multiples": "1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9", "docs": 50}
 SECTION = "MegaContext evaluation"
@@ -196,11 +194,6 @@ def eval_example(ex, models, methods, budget):
     return out
 
 
-def _mean(xs):
-    xs = [float(x) for x in xs if x is not None]
-    return round(sum(xs) / len(xs), 4) if xs else None
-
-
 def run_exact_task(task, models, methods, budget, multiples, trials, depths, filler, seed, progress=True):
     """Accuracy, slots and LensNet hit rates per multiple and method (+ per depth and per needle alignment,
     `boundary_level` of the needle sentence, for passkey)."""
@@ -226,15 +219,16 @@ def run_exact_task(task, models, methods, budget, multiples, trials, depths, fil
             bar.update(1)
         recs = recs if len(recs) == trials else []
         k = str(mult)
-        acc[k] = {m: _mean(r[m][0] for _, r, _ in recs) for m in methods}
-        slots[k] = {m: _mean(r[m][1] for _, r, _ in recs) for m in methods}
-        hits[k] = {m: _mean(r[m][2] for _, r, _ in recs) for m in methods if m not in ("truncation", "sinks", "full")}
+        acc[k] = {m: mean_or_none(r[m][0] for _, r, _ in recs) for m in methods}
+        slots[k] = {m: mean_or_none(r[m][1] for _, r, _ in recs) for m in methods}
+        hits[k] = {m: mean_or_none(r[m][2] for _, r, _ in recs) for m in methods
+                   if m not in ("truncation", "sinks", "full")}
         if task == "passkey" and depths:
-            by_depth[k] = {str(d): {m: _mean(r[m][0] for dd, r, _ in recs if dd == d) for m in methods}
+            by_depth[k] = {str(d): {m: mean_or_none(r[m][0] for dd, r, _ in recs if dd == d) for m in methods}
                            for d in depths}
         if task == "passkey":
             by_align[k] = {str(L): {"n": sum(a == L for *_, a in recs),
-                                    **{m: _mean(r[m][0] for _, r, a in recs if a == L) for m in methods}}
+                                    **{m: mean_or_none(r[m][0] for _, r, a in recs if a == L) for m in methods}}
                            for L in sorted({a for *_, a in recs})}
     bar.close()
     return acc, slots, hits, by_depth, by_align, skipped
@@ -288,7 +282,8 @@ def position_verdict(res):
             if s is not None and g is not None:
                 a["slot"].append(s)
                 a["gaussian"].append(g)
-    out = {"cells": len(a["slot"]), "mean_acc_slot": _mean(a["slot"]), "mean_acc_gaussian": _mean(a["gaussian"]),
+    out = {"cells": len(a["slot"]), "mean_acc_slot": mean_or_none(a["slot"]),
+           "mean_acc_gaussian": mean_or_none(a["gaussian"]),
            "long_doc_nll_slot": res["long_doc"].get("megacontext"),
            "long_doc_nll_gaussian": res["long_doc"].get("megacontext_gaussian")}
     winner = None
@@ -301,186 +296,6 @@ def position_verdict(res):
         winner = winner or "tie"
     out["winner"] = winner
     return out
-
-
-# -----------------------------------------------------------------------------
-# output: validation, report section, plots
-
-def validate_result(res):
-    """Raise ValueError naming what breaks the documented JSON shape (DESIGN.md section 12)."""
-    problems = []
-
-    def number_or_null(v):
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-
-    for key in ("config", "passkey", "needle", "kv_recall", "long_doc"):
-        if not isinstance(res.get(key), dict):
-            problems.append(f"{key!r} must be an object")
-    for task in EXACT_TASKS:
-        for mult, cell in (res.get(task) or {}).items():
-            if not mult.isdigit() or not isinstance(cell, dict):
-                problems.append(f"{task}[{mult!r}] must map a multiple (digits) to {{method: accuracy}}")
-                continue
-            for m, v in cell.items():
-                if not number_or_null(v) or (v is not None and not 0 <= v <= 1):
-                    problems.append(f"{task}[{mult}][{m}] = {v!r} is not an accuracy in [0, 1] or null")
-    for mult, row in (res.get("passkey_alignment") or {}).items():
-        for level, cell in row.items() if isinstance(row, dict) else [(None, None)]:
-            if not (str(level).isdigit() and isinstance(cell, dict) and isinstance(cell.get("n"), int)
-                    and all(number_or_null(v) and (v is None or 0 <= v <= 1) for m, v in cell.items() if m != "n")):
-                problems.append(f"passkey_alignment[{mult}] must map levels (digits) to {{'n': trials, method: "
-                                f"accuracy}}, got {level!r}: {cell!r}")
-    ld = res.get("long_doc") or {}
-    if "gap_closed" not in ld:
-        problems.append("long_doc needs 'gap_closed'")
-    for m, v in ld.items():
-        if not number_or_null(v):
-            problems.append(f"long_doc[{m}] = {v!r} is not a number or null")
-    if "quality" in res:  # main always writes it; older JSON may lack it
-        problems += quality_problems(res["quality"], number_or_null)
-    if problems:
-        raise ValueError("mc_eval JSON does not match its documented shape: " + "; ".join(problems))
-    return True
-
-
-def _pct(v):
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _acc_table(table, methods):
-    mults = list(table)
-    lines = ["| method | " + " | ".join(f"{m}x" for m in mults) + " |", "|---" * (len(mults) + 1) + "|"]
-    for meth in methods:
-        lines.append(f"| {meth} | " + " | ".join(_pct(table[m].get(meth)) for m in mults) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def losses(res, methods):
-    """Cells where full MegaContext does worse than the best budgeted baseline (quoted in the report)."""
-    out = []
-    for task in EXACT_TASKS:
-        for mult, cell in res[task].items():
-            mc = cell.get("megacontext")
-            base = {b: cell.get(b) for b in BASELINES if cell.get(b) is not None}
-            if mc is not None and base and max(base.values()) > mc:
-                b = max(base, key=base.get)
-                out.append(f"{task} {mult}x: megacontext {_pct(mc)} < {b} {_pct(base[b])}")
-    ld = res["long_doc"]
-    base = {b: ld.get(b) for b in BASELINES if ld.get(b) is not None}
-    if ld.get("megacontext") is not None and base and min(base.values()) < ld["megacontext"]:
-        b = min(base, key=base.get)
-        out.append(f"long_doc: megacontext NLL {ld['megacontext']:.4f} > {b} {base[b]:.4f}")
-    return out
-
-
-def report_markdown(res, images):
-    """The report section body: tables, plots (images: {name: path or link}), the slot/gaussian verdict."""
-    c = res["config"]
-    methods = c["methods"]
-    pv = res["position_scheme"]
-    parts = [f"Every method reads the same number of GPT input slots (budget {c['budget']}, block {c['block_size']}); "
-             f"`full` reads the whole history where it fits the GPT's sequence length ({c['sequence_len']}). "
-             f"Model: {c['source']}" + (f" step {c['step']}" if c.get("step") is not None else "") +
-             (" (random init: numbers are a smoke test, not evidence)" if c["source"] == "random-init" else "") + "."]
-    parts.append(f"### Passkey retrieval (exact match, {c['trials']} trials per cell, depths {c['depths']})\n\n"
-                 + _acc_table(res["passkey"], methods))
-    if "passkey" in images:
-        parts.append(f"![passkey accuracy vs history]({images['passkey']})")
-    if res.get("passkey_depth"):
-        focus = "megacontext" if "megacontext" in methods else methods[0]
-        grid = {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
-        depths = list(next(iter(grid.values())))
-        lines = ["| depth | " + " | ".join(f"{m}x" for m in grid) + " |", "|---" * (len(grid) + 1) + "|"]
-        lines += [f"| {float(d):.0%} | " + " | ".join(_pct(grid[m][d]) for m in grid) + " |" for d in depths]
-        parts.append(f"### Passkey by needle depth ({focus})\n\n" + "\n".join(lines) + "\n")
-        if "depth" in images:
-            parts.append(f"![passkey depth x length]({images['depth']})")
-    if res.get("passkey_alignment"):
-        parts.append(alignment_markdown(res["passkey_alignment"], methods))
-    parts.append(f"### Multi-key needle with near-miss decoys ({c['needle_trials']} trials per cell)\n\n"
-                 + _acc_table(res["needle"], methods))
-    parts.append(f"### Key-value recall ({c['needle_trials']} trials per cell)\n\n"
-                 + _acc_table(res["kv_recall"], methods))
-    ld, gaps = res["long_doc"], res.get("long_doc_gap_closed", {})
-    rows = ["| method | NLL (nats/token) | share of truncation->full gap closed |", "|---|---|---|"]
-    rows += [f"| {m} | {'-' if ld.get(m) is None else f'{ld[m]:.4f}'} | {_pct(gaps.get(m))} |" for m in methods]
-    parts.append(f"### Long-document NLL (last {c['doc_target']} of {c['doc_tokens']} tokens, {c['docs_used']} "
-                 f"stretches of validation text)\n\n" + "\n".join(rows) + "\n")
-    hit = res.get("lens_hit_rate", {}).get("passkey", {})
-    if hit:
-        hm = [m for m in ("mean_pool", "mc_recency", "megacontext") if m in methods]
-        lines = ["| method | " + " | ".join(f"{m}x" for m in hit) + " |", "|---" * (len(hit) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(_pct(hit[k].get(m)) for k in hit) + " |" for m in hm]
-        parts.append("### Passkey needle raw in the working context (LensNet hit rate)\n\n" + "\n".join(lines) + "\n")
-    if res.get("quality") and "quality" in c.get("tasks", ["quality"]):
-        parts.append(quality_markdown(res["quality"], c))
-    verdict = ("not measured (needs megacontext and megacontext_gaussian, i.e. MC weights)" if pv["winner"] is None else
-               f"**{pv['winner']}** (mean accuracy over {pv['cells']} cells: slot {_pct(pv['mean_acc_slot'])}, "
-               f"gaussian {_pct(pv['mean_acc_gaussian'])}; long-doc NLL slot {pv['long_doc_nll_slot']}, "
-               f"gaussian {pv['long_doc_nll_gaussian']})")
-    parts.append(f"### Position scheme: slot vs gaussian\n\nWinner on this checkpoint: {verdict}.")
-    lost = losses(res, methods) if pv["winner"] is not None else []
-    parts.append("### Where MegaContext loses\n\n" + ("\n".join(f"- {x}" for x in lost) if lost else
-                 "No cell where full MegaContext is below the best budgeted baseline."))
-    return "\n\n".join(parts) + "\n"
-
-
-ALIGN_NAMES = {0: "inside one block", 1: "across two blocks", 2: "across two level-2 regions"}
-
-
-def _align_name(level):
-    return ALIGN_NAMES.get(int(level), f"across two level-{level} nodes")
-
-
-def alignment_lines(by_align, methods):
-    """One printed line per multiple: megacontext's passkey accuracy (trials) per needle alignment."""
-    focus = "megacontext" if "megacontext" in methods else methods[0]
-    return [f"passkey   {mult:>4s}x  {focus} by needle alignment: "
-            + ", ".join(f"{_align_name(L)} {_pct(c.get(focus))} ({c['n']})" for L, c in row.items())
-            for mult, row in by_align.items()]
-
-
-def alignment_markdown(by_align, methods):
-    """Passkey accuracy by the coarsest tree boundary the needle crosses (cells: accuracy (trials))."""
-    focus = "megacontext" if "megacontext" in methods else methods[0]
-    levels = sorted({L for row in by_align.values() for L in row}, key=int)
-    lines = ["| needle | " + " | ".join(f"{m}x" for m in by_align) + " |", "|---" * (len(by_align) + 1) + "|"]
-    for L in levels:
-        cells = [by_align[m].get(L) for m in by_align]
-        lines.append(f"| {_align_name(L)} | " + " | ".join("-" if c is None else f"{_pct(c.get(focus))} ({c['n']})"
-                                                          for c in cells) + " |")
-    return (f"### Passkey by needle alignment ({focus}; accuracy (trials))\n\n"
-            "A needle across a level-L boundary is shown raw only with two level-L nodes opened.\n\n"
-            + "\n".join(lines) + "\n")
-
-
-def headline(res):
-    """A few '- key: value' bullets for the report's summary table (MC column)."""
-    out = {}
-    for m in ("truncation", "megacontext"):
-        v = _mean(cell.get(m) for cell in res["passkey"].values())
-        if v is not None:
-            out[f"mc passkey acc {m}"] = v
-    if res["long_doc"].get("gap_closed") is not None:
-        out["mc long_doc gap_closed"] = res["long_doc"]["gap_closed"]
-    q = res.get("quality") or {}
-    if (q.get("level_1") or {}).get("substitutability") is not None:
-        out["mc gist substitutability L1"] = q["level_1"]["substitutability"]
-    if (q.get("lens") or {}).get("agreement") is not None:
-        out["mc lens pair agreement"] = q["lens"]["agreement"]
-    return out
-
-
-def write_plots(res, out_dir):
-    from nanochat.plots import plot_accuracy_vs_multiple, plot_depth_heatmap
-    paths = {"passkey": plot_accuracy_vs_multiple(res["passkey"], os.path.join(out_dir, "mc_eval_passkey.png"))}
-    if res.get("passkey_depth"):
-        methods = res["config"]["methods"]
-        focus = "megacontext" if "megacontext" in methods else methods[0]
-        grid = {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
-        paths["depth"] = plot_depth_heatmap(grid, os.path.join(out_dir, "mc_eval_depth.png"),
-                                            title=f"{focus}: passkey accuracy by needle depth")
-    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -594,7 +409,7 @@ def main(argv=None):
             res["passkey_depth"], res["passkey_alignment"] = by_depth, by_align
         res["timings"][task] = round(time.perf_counter() - t0, 2)
         for mult, cell in acc.items():
-            print(f"{task:9s} {mult:>4s}x  " + "  ".join(f"{m} {_pct(v)}" for m, v in cell.items()))
+            print(f"{task:9s} {mult:>4s}x  " + "  ".join(f"{m} {pct(v)}" for m, v in cell.items()))
         for line in alignment_lines(res["passkey_alignment"], methods) if task == "passkey" else ():
             print(line)
     if "long_doc" in tasks:

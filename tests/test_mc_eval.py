@@ -241,7 +241,7 @@ def _strip_timings(d):
 
 
 def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
-    from scripts.mc_eval import validate_result
+    from megacontext.eval_report import validate_result
     res = _run(tmp_path / "a" / "mc_eval.json")
     with open(tmp_path / "a" / "mc_eval.json") as f:
         a = json.load(f)
@@ -293,7 +293,7 @@ def test_random_depths_vary_the_needle_alignment(tiny_base_env, tmp_path):
 
 
 def test_validate_result_rejects_bad_shapes():
-    from scripts.mc_eval import validate_result
+    from megacontext.eval_report import validate_result
     good = {"config": {}, "passkey": {"4": {"truncation": 0.5, "full": None}}, "needle": {}, "kv_recall": {},
             "long_doc": {"truncation": 2.0, "gap_closed": None}}
     assert validate_result(good)
@@ -376,7 +376,8 @@ def test_gap_closed_is_undefined_without_a_gap():
 
 
 def test_report_quotes_where_megacontext_loses():
-    from scripts.mc_eval import position_verdict, report_markdown
+    from megacontext.eval_report import report_markdown
+    from scripts.mc_eval import position_verdict
     methods = ["truncation", "megacontext", "megacontext_gaussian", "full"]
     res = {"config": {"methods": methods, "budget": 512, "block_size": 32, "sequence_len": 1024, "source": "sft",
                       "step": 3, "trials": 50, "needle_trials": 50, "depths": [0.5], "doc_target": 64,
@@ -431,7 +432,9 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
     agreement in [0, 1], determinism, and null + reasons without MC weights."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", tiny_base_dir)
     from nanochat.tokenizer import get_tokenizer
-    from scripts.mc_eval import CachedTokenizer, quality_problems, run_quality, validate_result
+    from megacontext.eval_report import validate_result
+    from megacontext.quality import quality_problems, run_quality
+    from scripts.mc_eval import CachedTokenizer
     gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
     models = Models(gpt, gistnet, lensnet, CachedTokenizer(get_tokenizer()), cfg)
     q = run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False)
@@ -461,7 +464,7 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
 
 def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
     """`--tasks quality --random-init` (and with --baselines-only) runs, validates and reports."""
-    from scripts.mc_eval import validate_result
+    from megacontext.eval_report import validate_result
     for extra in ([], ["--baselines-only"]):
         res = _run(tmp_path / "q.json", ["--tasks", "quality", "--doc-target", "32"] + extra)
         with open(tmp_path / "q.json") as f:
@@ -497,7 +500,8 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_rows():
 
 
 def test_quality_shape_and_report_rows():
-    from scripts.mc_eval import quality_markdown, validate_result
+    from megacontext.eval_report import validate_result
+    from megacontext.quality import quality_markdown
     lvl = {"history_tokens": 960, "target_tokens": 64, "rows": 4, "nll_raw": 3.0, "nll_gists": 3.2,
            "nll_dropped": 3.4, "nll_none": 4.0, "substitutability": 0.5, "lm_guard": True, "raw_fits_context": True}
     q = {"level_1": {**lvl, "substitutability_ci": [0.25, 0.75]}, "level_2": None,
