@@ -54,6 +54,17 @@ def validate_result(res):
     return True
 
 
+def focus_method(methods):
+    """The method the per-depth and per-alignment tables show: megacontext when it ran."""
+    return "megacontext" if "megacontext" in methods else methods[0]
+
+
+def depth_grid(res):
+    """{multiple: {depth: accuracy}} of focus_method's passkey cells."""
+    focus = focus_method(res["config"]["methods"])
+    return {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
+
+
 def pct(v):
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -98,8 +109,7 @@ def report_markdown(res, images):
     if "passkey" in images:
         parts.append(f"![passkey accuracy vs history]({images['passkey']})")
     if res.get("passkey_depth"):
-        focus = "megacontext" if "megacontext" in methods else methods[0]
-        grid = {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
+        focus, grid = focus_method(methods), depth_grid(res)
         depths = list(next(iter(grid.values())))
         lines = ["| depth | " + " | ".join(f"{m}x" for m in grid) + " |", "|---" * (len(grid) + 1) + "|"]
         lines += [f"| {float(d):.0%} | " + " | ".join(pct(grid[m][d]) for m in grid) + " |" for d in depths]
@@ -145,7 +155,7 @@ def _align_name(level):
 
 def alignment_lines(by_align, methods):
     """One printed line per multiple: megacontext's passkey accuracy (trials) per needle alignment."""
-    focus = "megacontext" if "megacontext" in methods else methods[0]
+    focus = focus_method(methods)
     return [f"passkey   {mult:>4s}x  {focus} by needle alignment: "
             + ", ".join(f"{_align_name(L)} {pct(c.get(focus))} ({c['n']})" for L, c in row.items())
             for mult, row in by_align.items()]
@@ -153,7 +163,7 @@ def alignment_lines(by_align, methods):
 
 def alignment_markdown(by_align, methods):
     """Passkey accuracy by the coarsest tree boundary the needle crosses (cells: accuracy (trials))."""
-    focus = "megacontext" if "megacontext" in methods else methods[0]
+    focus = focus_method(methods)
     levels = sorted({L for row in by_align.values() for L in row}, key=int)
     lines = ["| needle | " + " | ".join(f"{m}x" for m in by_align) + " |", "|---" * (len(by_align) + 1) + "|"]
     for L in levels:
@@ -186,9 +196,7 @@ def write_plots(res, out_dir):
     from nanochat.plots import plot_accuracy_vs_multiple, plot_depth_heatmap
     paths = {"passkey": plot_accuracy_vs_multiple(res["passkey"], os.path.join(out_dir, "mc_eval_passkey.png"))}
     if res.get("passkey_depth"):
-        methods = res["config"]["methods"]
-        focus = "megacontext" if "megacontext" in methods else methods[0]
-        grid = {m: {d: v.get(focus) for d, v in row.items()} for m, row in res["passkey_depth"].items()}
-        paths["depth"] = plot_depth_heatmap(grid, os.path.join(out_dir, "mc_eval_depth.png"),
-                                            title=f"{focus}: passkey accuracy by needle depth")
+        paths["depth"] = plot_depth_heatmap(depth_grid(res), os.path.join(out_dir, "mc_eval_depth.png"),
+                                            title=f"{focus_method(res['config']['methods'])}: passkey accuracy "
+                                                  "by needle depth")
     return paths

@@ -138,13 +138,11 @@ def main(argv=None):
         args.memory_dir = os.path.join(tmp.name, "mem")
     if os.path.exists(os.path.join(args.memory_dir, "session.json")):
         raise UserError(f"{args.memory_dir} already holds a memory: the benchmark needs a fresh directory")
-    def open_session(memory_dir):
-        if args.source:
-            from megacontext.runtime import MCSession
-            return MCSession.load(args.source, args.model_tag, args.step, device, args.budget, memory_dir=memory_dir)
-        return random_session(args, device, memory_dir)
-
-    s = open_session(args.memory_dir)
+    if args.source:
+        from megacontext.runtime import MCSession
+        s = MCSession.load(args.source, args.model_tag, args.step, device, args.budget, memory_dir=args.memory_dir)
+    else:
+        s = random_session(args, device, args.memory_dir)
     rng = np.random.default_rng(0)
     V = s.tree.vocab_size
     res = {"config": {"device": str(device), "n_layer": s.gpt.config.n_layer, "n_embd": s.gpt.config.n_embd,
@@ -178,7 +176,8 @@ def main(argv=None):
     res["ingest_tok_per_s"] = round(ingest_tok / max(ingest_s, 1e-9), 1)
     first, last = str(histories[0]), str(histories[-1])
     with tempfile.TemporaryDirectory(prefix="mc_bench_first_") as d:  # the shortest history again, beside the longest
-        short = open_session(os.path.join(d, "mem"))
+        short = type(s)(s.gpt, s.gistnet, s.lensnet, s.tokenizer, s.cfg, memory_dir=os.path.join(d, "mem"),
+                        device=device, reranker=s.reranker)  # the same nets, its own on-disk tree
         short.ingest(rng.integers(0, V, histories[0]))
         ratio = interleaved_ratio(short, s, args.decode_tokens, args.rounds, device)
         short.close()

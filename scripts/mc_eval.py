@@ -214,7 +214,8 @@ def run_exact_task(task, models, methods, budget, multiples, trials, depths, fil
                 skipped.append(f"{task} {mult}x: {e}")
                 bar.update(trials - t)
                 break
-            align = boundary_level(ex.needle_spans[0], models.cfg.block_size, models.cfg.max_level)
+            align = (boundary_level(ex.needle_spans[0], models.cfg.block_size, models.cfg.max_level)
+                     if task == "passkey" else None)
             recs.append((depth, eval_example(ex, models, methods, budget), align))
             bar.update(1)
         recs = recs if len(recs) == trials else []
