@@ -17,6 +17,10 @@ BASE_STEPS=${BASE_STEPS:-300}
 MC=${MC:-1}
 MID_STEPS=${MID_STEPS:-$([ "$MC" = 1 ] && echo 1500 || echo 100)}
 SFT_STEPS=${SFT_STEPS:-40}
+# share of midtraining batches that replay pretraining text (mid_train --text-share). Off: 0.2 (with
+# MID_STEPS=1700) kept the GPT's validation-text NLL at 4.83 nats/token instead of 6.28, but multi-key at
+# 1x fell from 87 to 63 % and the gists stopped helping on prose at all (dev/LOG.md, session 7)
+TEXT_SHARE=${TEXT_SHARE:-0}
 RUN=${WANDB_RUN:-dummy}
 # MegaContext is on by default (MC=0 trains a plain model). A toy budget: 192 working-context slots,
 # 32 raw tail tokens (192 is the least that opens a needle coarse to fine at 256x: 32 tail + 47 gists
@@ -55,7 +59,8 @@ python -m scripts.base_loss --device-batch-size 16 --max-seq-len "$SEQ" --split-
 python -m scripts.base_eval --max-seq-len "$SEQ" --eval-tokens 65536 --cloze-items 100
 step "midtraining"
 python -m scripts.mid_train --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
-  --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 300 --eval-tokens 32768 "${MC_MID[@]}"
+  --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 300 --eval-tokens 32768 \
+  --text-share "$TEXT_SHARE" "${MC_MID[@]}"
 python -m scripts.chat_eval -i mid -a offline -x 20 -m 48
 step "supervised fine-tuning"
 python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \

@@ -1,6 +1,7 @@
 """Midtraining: exact packing of rendered conversations, loss falls, checkpoint round trip, offline errors."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -123,6 +124,32 @@ def test_mid_train_masked_loss_runs(tiny_base_env, capsys):
     assert "loss on assistant tokens" in out and "saved" in out
 
 
+def test_mid_train_text_share_replays_pretraining_text(tiny_base_env, capsys):
+    """--text-share 1: every micro-batch is the pretraining train stream (the first step's loss is the base
+    model's loss on the stream's first batch), the pretraining-text val bpb falls, and the report counts the rows."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.tokenizer import get_tokenizer
+    base = make_base_checkpoint(tiny_base_env)
+    # a fresh lm_head is ~0, so every batch would score ln V: give it weights that tell batches apart
+    with torch.no_grad():
+        base.lm_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_checkpoint(os.path.join(tiny_base_env, "base_checkpoints", "d1"), 0, {"gpt": base.state_dict()}, None,
+                    {"model_config": base.config_dict(), "step": 0, "val_bpb": None})
+    x, y, _ = next(tokenizing_distributed_data_loader(get_tokenizer(), 4, 64, "train"))
+    xv, yv, _ = next(tokenizing_distributed_data_loader(get_tokenizer(), 4, 64, "val"))
+    with torch.no_grad():
+        ref, ref_val = float(base(x, y)), float(base(xv, yv))
+    assert abs(ref - ref_val) > 1e-2  # the check below can tell the train stream from another
+    out = _run_mid(capsys, "--num-iterations", "20", "--eval-every", "20", "--text-share", "1")
+    losses = [float(v) for v in re.findall(r"\| loss: ([0-9.]+)", out)]
+    text_bpb = [float(v) for v in re.findall(r"pretraining-text val bpb: ([0-9.]+)", out)]
+    assert losses[0] == pytest.approx(ref, abs=2e-4)
+    assert len(text_bpb) == 2 and text_bpb[1] < 0.8 * text_bpb[0], text_bpb
+    report = open(os.path.join(tiny_base_env, "report", "midtraining.md")).read()
+    assert re.search(r"Pretraining-text rows \(--text-share\): 80\b", report), report
+
+
 def test_mid_train_errors(tiny_base_env, monkeypatch, tmp_path):
     from scripts import mid_train
     with pytest.raises(UserError, match="no base checkpoints"):
@@ -135,6 +162,13 @@ def test_mid_train_errors(tiny_base_env, monkeypatch, tmp_path):
     with pytest.raises(UserError, match="multiple of"):
         mid_train.main(["--mixture", "offline", "--device-type", "cpu", "--max-seq-len", "64",
                         "--device-batch-size", "2", "--total-batch-size", "100"])
+    with pytest.raises(UserError, match="--text-share must be in"):
+        mid_train.main(["--mixture", "offline", "--device-type", "cpu", "--max-seq-len", "64",
+                        "--device-batch-size", "2", "--total-batch-size", "-1", "--text-share", "1.5"])
+    shutil.rmtree(os.path.join(tiny_base_env, "base_data"))
+    with pytest.raises(UserError, match="no data shards.*nanochat.dataset"):
+        mid_train.main(["--mixture", "offline", "--device-type", "cpu", "--max-seq-len", "64",
+                        "--device-batch-size", "2", "--total-batch-size", "-1", "--text-share", "0.5"])
 
 
 def test_build_mixture_offline_deterministic():
