@@ -26,7 +26,7 @@ MC_NETS = ("gistnet", "lensnet", "reranker")
 # MCConfig fields a later stage may change with a flag (training / focus knobs); every other field
 # shapes the nets or the memory, so it must equal the source checkpoint's value
 OVERRIDABLE = {"tau", "max_edits", "cooldown", "budget", "train_hist_budget", "train_min_target", "train_variants",
-               "train_plain_lm", "train_rows", "lens_weight", "lens_cands", "lens_temp", "rerank_k"}
+               "train_plain_lm", "train_rows", "lens_weight", "lens_cands", "lens_temp", "rerank_k", "gist_bow_weight"}
 
 
 def build_mc_modules(gpt, cfg, device=None):

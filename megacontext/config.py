@@ -45,6 +45,7 @@ class MCConfig:
     lens_cands: int = 0           # counterfactual expansions per row (0: every gist of the context)
     lens_temp: float = 1.0        # nats: binary target = sigmoid(delta_nll / lens_temp)
     train_rows: int = 0           # rows per batch through the MC objective (0: all); the rest train plain LM
+    gist_bow_weight: float = 0.0  # weight of the level-1 gists' bag-of-words loss (objective.bow_loss; 0: off)
 
     def __post_init__(self):
         self.validate()
@@ -92,6 +93,8 @@ class MCConfig:
             bad(f"train_plain_lm must be in [0, 1], got {self.train_plain_lm}")
         if self.train_rows < 0:
             bad(f"train_rows must be >= 0, got {self.train_rows}")
+        if self.gist_bow_weight < 0:
+            bad(f"gist_bow_weight must be >= 0, got {self.gist_bow_weight}")
         if self.lens_weight < 0 or self.lens_cands < 0 or self.lens_temp <= 0:
             bad("lens_weight and lens_cands must be >= 0 and lens_temp > 0")
 

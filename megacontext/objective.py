@@ -14,6 +14,9 @@ One step on a batch x, y (B, T) of next-token pairs (y[:, t] = x[:, t + 1], -1 =
    scores the base WC WITH grad and learns a listwise softmax over every legal entry (target = the
    counterfactual best) plus a per-entry binary loss (target sigmoid(delta / lens_temp)); illegal
    entries (raw blocks) are masked; its loss flows into GistNet through the entry embeddings.
+6. with gist_bow_weight > 0, a bag-of-words loss on the level-1 gists (`bow_loss`): read through the
+   GPT's frozen lm_head, each gist must predict its own block's tokens, so that the GPT can copy the
+   recurring tokens of a gisted history (on prose most of what history adds).
 A share `train_plain_lm` of steps trains plain full-detail LM instead, so base quality holds.
 
 Level-2 salience: level-2 gists in a base WC are counterfactual candidates like any other gist (their
@@ -206,6 +209,21 @@ def lens_loss(z, delta, legal, temp):
     return listwise + bce, listwise, bce
 
 
+def bow_loss(gists, ids, lm_head_weight, K):
+    """
+    Bag-of-words loss of level-1 gists (B, G, d) over their blocks' tokens ids (B, >= G * K): read through
+    the GPT's lm_head (frozen here, so the LM is not bent toward the gists), each gist's softmax must put
+    mass on its own block's tokens (mean -log p over the block). Why: on prose most of what the history
+    beyond the raw tail adds is tokens that recur (dev/LOG.md, session 7), and a gist the lm_head can read
+    that way is one the GPT can copy from.
+    """
+    B, G, d = gists.shape
+    if G == 0:
+        return gists.sum() * 0
+    logp = F.linear(F.rms_norm(gists, (d,)), lm_head_weight.detach().to(gists.dtype)).float().log_softmax(-1)
+    return -logp.gather(-1, ids[:, :G * K].reshape(B, G, K)).mean()
+
+
 def pair_agreement(scores, delta, legal, eps=1e-3):
     """
     Share of legal entry pairs (|delta_i - delta_j| > eps) that the scores order like delta; NaN if
@@ -238,9 +256,10 @@ class MCObjective:
     def wte(self):
         return self.gpt.transformer.wte
 
-    def readers(self, x, s):
-        """Per-row GistLevels over the history x[:, :s] (gists with grad when grad is enabled)."""
-        levels = build_gists(self.gistnet, self.wte(x[:, :s]), self.cfg)
+    def readers(self, x, s, levels=None):
+        """Per-row GistLevels over the history x[:, :s] (gists with grad when grad is enabled); `levels`:
+        build_gists' output when the caller already has it."""
+        levels = build_gists(self.gistnet, self.wte(x[:, :s]), self.cfg) if levels is None else levels
         return [GistLevels(x[b, :s], [None] + [lv[b] for lv in levels[1:]]) for b in range(x.size(0))]
 
     def _lens_scores(self, wc, reader):
@@ -320,8 +339,13 @@ class MCObjective:
         elif s % cfg.block_size or not 0 < s < T:
             raise ValueError(f"the split s={s} must be a positive multiple of {cfg.block_size} below T={T}")
         with timer("gist"):
-            readers = self.readers(x, s)
+            levels = build_gists(self.gistnet, self.wte(x[:, :s]), cfg)
+            readers = self.readers(x, s, levels)
         metrics = {"mc/hist_tokens": float(s), "mc/compression": s / self.B_h}
+        bow = None
+        if cfg.gist_bow_weight > 0:
+            bow = bow_loss(levels[1], x[:, :s], self.gpt.lm_head.weight, cfg.block_size)
+            metrics["mc/gist_bow"] = bow.detach()
         # --- the LM on every WC variant, one packed forward
         with timer("select"):
             parts, wcs = [], []
@@ -344,7 +368,7 @@ class MCObjective:
             metrics[f"mc/lod_count/{L}"] = float(np.mean([int((wc.levels == L).sum()) for wc in wcs])) if wcs else 0.0
         if wcs:
             metrics["mc/budget_utilization"] = float(np.mean([wc_cost(wc, cfg.block_size) for wc in wcs])) / self.B_h
-        loss = lm_loss
+        loss = lm_loss if bow is None else lm_loss + cfg.gist_bow_weight * bow
         # --- LensNet from counterfactual single expansions
         if cfg.lens_weight > 0 and s > self.B_h:
             with timer("counterfactual"):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.config import MCConfig
-from megacontext.gistnet import GistNet
+from megacontext.gistnet import GistNet, build_gists
 from megacontext.lensnet import LensNet
-from megacontext.objective import (MCObjective, coarsest_wc, expand, focus_wc, gist_substitutability, lens_loss,
+from megacontext.objective import (MCObjective, bow_loss, coarsest_wc, expand, focus_wc, gist_substitutability, lens_loss,
                                    lens_pair_agreement, lens_targets, pack, pair_agreement, random_mix, raw_suffix_part,
                                    row_nll, split_point, wc_part)
 from megacontext.retrieval import (entry_covering, lens_curriculum, lens_target_loss, needle_loss, needle_variant,
@@ -94,6 +94,48 @@ def test_one_step_changes_every_gistnet_and_lensnet_parameter():
     after = dict([*obj.gistnet.named_parameters(), *obj.lensnet.named_parameters()])
     unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
     assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+def test_bow_loss_matches_reference_and_trains_only_the_gists():
+    g = torch.randn(2, 3, 16, requires_grad=True)
+    W = torch.randn(40, 16, requires_grad=True)
+    ids = torch.randint(0, 40, (2, 3 * 4 + 5))  # extra ids past the last complete block are ignored
+    got = bow_loss(g, ids, W, 4)
+    ref = []
+    for b in range(2):
+        for j in range(3):
+            v = g[b, j] / (g[b, j].pow(2).mean() + torch.finfo(torch.float32).eps).sqrt()
+            logp = torch.log_softmax(W @ v, -1)
+            ref += [-logp[int(t)] for t in ids[b, 4 * j:4 * j + 4]]
+    torch.testing.assert_close(got, torch.stack(ref).mean())
+    got.backward()
+    assert g.grad.abs().sum() > 0 and W.grad is None  # the lm_head is read, never trained by it
+    assert float(bow_loss(g[:, :0].detach(), ids, W, 4)) == 0.0
+
+
+def test_bow_weight_adds_the_bow_term_and_it_falls():
+    x, y = batch()
+    losses = {}
+    for w in (0.0, 1.0):
+        obj, cfg = make(gist_bow_weight=w)
+        losses[w] = obj.loss(x, y, np.random.default_rng(3), s=96)
+    (l0, m0), (l1, m1) = losses[0.0], losses[1.0]
+    assert "mc/gist_bow" not in m0
+    torch.testing.assert_close(l1 - l0, m1["mc/gist_bow"], rtol=1e-5, atol=1e-5)  # the same draws otherwise
+    # trained alone, GistNet learns to put its block's tokens into its gists
+    obj, cfg = make(gist_bow_weight=1.0)
+    with torch.no_grad():  # a fresh lm_head is ~0: every softmax would be uniform whatever the gist
+        obj.gpt.lm_head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(obj.gistnet.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        g = build_gists(obj.gistnet, obj.wte(x[:, :96]), cfg)[1]
+        loss = bow_loss(g, x[:, :96], obj.gpt.lm_head.weight, cfg.block_size)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first - 0.5, (first, float(loss.detach()))
 
 
 def test_random_tokens_never_beat_ln_v():
