@@ -435,11 +435,13 @@ def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1, per_row=False):
 @torch.no_grad()
 def lens_pair_agreement(objective, x, y, s, rng):
     """On held-out rows: LensNet's pair agreement and top-1 against counterfactual delta_nll on
-    recency-pyramid base WCs. Returns {agreement, top1, delta_nll}."""
+    recency-pyramid base WCs. Returns {agreement, top1, delta_nll}. It orders LensNet's logits, like
+    training's mc/lens_agreement: tanh(z) rounds to -1 in float32 once z < ~ -9, and a LensNet trained to
+    reject every entry but a needle's ties there, which pair_agreement counts as chance."""
     rng = _as_rng(rng)
     readers = objective.readers(x, s)
     bases, delta, legal, _ = objective.counterfactuals(x, y, s, readers, rng, base="pyramid")
-    scores, _ = objective.lensnet.score(bases, readers, objective.wte)
+    scores, _ = objective.lensnet.score(bases, readers, objective.wte, logits=True)
     best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
     return {"agreement": pair_agreement(scores, delta, legal), "top1": _top1(scores, delta, legal),
             "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
