@@ -8,6 +8,8 @@ calls `sync_grads(params)`, which averages gradients with all_reduce. That is on
 GPT and for every extra module (GistNet, LensNet), works on gloo (CPU) and NCCL, and keeps the
 optimizers themselves single-process (every rank holds identical weights and optimizer state).
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -134,7 +136,9 @@ def clip_grads(modules, max_norm):
     listwise CE, barely moved under a global clip of 1.0 in midtraining (dev/LOG.md, 2026-11-22).
     """
     norms = [torch.nn.utils.clip_grad_norm_(list(m.parameters()), max_norm) for m in modules]
-    return float(torch.stack([n.float() for n in norms]).pow(2).sum().sqrt()) if norms else 0.0
+    # a module without grads (the reranker outside midtraining) gets a CPU zero from torch, the others a
+    # norm on their device: add them up as Python floats (on CUDA, one stack across devices raised)
+    return math.sqrt(sum(float(n) ** 2 for n in norms))
 
 
 def sync_grads(params, bucket_numel=2**24):
