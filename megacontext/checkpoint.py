@@ -102,7 +102,7 @@ def resolve_mc_config(args, src_meta=None):
         raise UserError(str(e)) from None
 
 
-def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0):
+def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0, lm=None):
     """
     --mc in a stage that starts from a checkpoint (midtraining, SFT): the MCConfig (the source's, with
     the overridable --mc-* flags), GistNet + LensNet loaded from `passthrough` (a one-line UserError
@@ -114,7 +114,7 @@ def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0):
     cfg = resolve_mc_config(args, meta)
     nets = load_mc_modules(gpt, passthrough, meta, where, cfg=cfg, device=device)
     rest = {k: v for k, v in passthrough.items() if k not in MC_NETS}
-    return cfg, nets, rest, MCTrainer(gpt, nets, cfg, seed=args.seed, rank=rank)
+    return cfg, nets, rest, MCTrainer(gpt, nets, cfg, seed=args.seed, rank=rank, lm=lm)
 
 
 class MCTrainer:
@@ -123,12 +123,14 @@ class MCTrainer:
     seeded by (seed, rank, step, micro-step) so a resumed run draws the same splits and variants.
     Rows too short for a history block plus a target segment (short SFT conversations) fall back
     to the plain LM loss. `loss(..., s=...)` with an explicit split (long-context task rows) never
-    takes the plain-LM branch, whose full-row forward would exceed the model's context.
+    takes the plain-LM branch, whose full-row forward would exceed the model's context. `lm` (default gpt)
+    runs the plain-LM rows of the usual batch shape: the training scripts pass torch.compile(gpt) on CUDA.
     """
 
-    def __init__(self, gpt, nets, cfg, seed=0, rank=0):
+    def __init__(self, gpt, nets, cfg, seed=0, rank=0, lm=None):
         self.gpt, self.nets, self.cfg, self.seed, self.rank = gpt, nets, cfg, seed, rank
-        self.objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"], cfg)
+        self.lm = gpt if lm is None else lm  # not `lm or gpt`: a compiled module refuses bool()
+        self.objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"], cfg, lm=self.lm)
         self.split_objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"],
                                            dataclasses.replace(cfg, train_plain_lm=0.0))
 
@@ -156,7 +158,7 @@ class MCTrainer:
             # the MC objective on the first r rows, plain LM on the rest: its counterfactual and variant
             # forwards cost several times a plain forward, so a CPU run buys it for a few rows per step
             mc_loss, metrics = self.objective.loss(x[:r], y[:r], self.rng(step, micro), step)
-            lm_loss = self.gpt(x[r:], y[r:])
+            lm_loss = self.lm(x[r:], y[r:])
             metrics["mc/rest_lm_loss"] = float(lm_loss.detach())
             return (r * mc_loss + (x.size(0) - r) * lm_loss) / x.size(0), metrics
         return self.objective.loss(x, y, self.rng(step, micro), step)

@@ -164,9 +164,8 @@ def pack(parts, tgt_ids, tgt_labels, s, wte, cfg):
 
 def row_nll(gpt, packed):
     """(sum of next-token NLL over each row's labelled target tokens (R,), label counts (R,))."""
-    R, T = packed.labels.shape
-    losses = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma,
-                 targets=packed.labels, loss_reduction="none").view(R, T)
+    h = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma, return_hidden=True)
+    losses = gpt.labelled_nll(h, packed.labels)
     return losses.sum(1), (packed.labels != -1).sum(1)
 
 
@@ -243,8 +242,11 @@ def pair_agreement(scores, delta, legal, eps=1e-3):
 # the objective
 
 class MCObjective:
-    def __init__(self, gpt, gistnet, lensnet, cfg):
+    def __init__(self, gpt, gistnet, lensnet, cfg, lm=None):
+        """lm: what runs the plain-LM share's fixed-shape full rows (e.g. torch.compile(gpt); default gpt).
+        Every packed forward calls gpt itself: its rows change shape every step."""
         self.gpt, self.gistnet, self.lensnet, self.cfg = gpt, gistnet, lensnet, cfg
+        self.lm = gpt if lm is None else lm  # not `lm or gpt`: a compiled module refuses bool()
         self.variants = [v for v in cfg.train_variants.split(",") if v]
         self.B_h = cfg.hist_budget()
 
@@ -331,7 +333,7 @@ class MCObjective:
         timer = PhaseTimer(x.device)
         if cfg.train_plain_lm > 0 and rng.random() < cfg.train_plain_lm:
             with timer("lm"):
-                loss = self.gpt(x, y)
+                loss = self.lm(x, y)
             return loss, {"mc/plain_lm_loss": loss.detach(), **timer.pop()}
         B, T = x.shape
         if s is None:

@@ -53,9 +53,8 @@ def needle_variant(num_tokens, blocks, budget, cfg, rng, extra=2):
 
 def weighted_target_nll(gpt, packed, weights):
     """Weighted mean next-token NLL over labelled slots: weights (R, T) (e.g. answer tokens x5)."""
-    R, T = packed.labels.shape
-    losses = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma,
-                 targets=packed.labels, loss_reduction="none").view(R, T)
+    h = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma, return_hidden=True)
+    losses = gpt.labelled_nll(h, packed.labels)
     w = weights.to(losses.dtype) * (packed.labels != -1)
     return (losses * w).sum() / w.sum().clamp_min(1e-6)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SMEAR = 5  # how many inputs before each position the smear mixes into it (see GPT.__init__)
 
@@ -296,6 +297,26 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+    def labelled_nll(self, h, targets, chunk=8192):
+        """
+        Per-position next-token NLL (fp32, shaped like targets, 0 where targets == -1) from final hidden
+        states h (B, T, d) (`forward(..., return_hidden=True)`). Logits are made only at labelled positions,
+        `chunk` of them at a time, and under grad each chunk's are recomputed in backward (checkpoint). Why:
+        MegaContext's packed rows label only their target segment, and at V = 65536 full fp32 logits of a
+        64-row counterfactual chunk of 2k-token rows alone would take ~35 GiB.
+        """
+        sel = targets != -1
+        hs, ts = h[sel], targets[sel]
+
+        def ce(a, b):
+            return F.cross_entropy(self.head(a), b, reduction="none")
+
+        grad = torch.is_grad_enabled() and hs.requires_grad
+        parts = [checkpoint(ce, hs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if grad
+                 else ce(hs[i:i + chunk], ts[i:i + chunk]) for i in range(0, hs.size(0), chunk)]
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        return out.masked_scatter(sel, torch.cat(parts)) if parts else out
 
     def config_dict(self):
         return asdict(self.config)

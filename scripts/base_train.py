@@ -208,8 +208,9 @@ def _train(args, ddp, rank, world_size, device):
             raise UserError(f"--mc needs --max-seq-len >= block_size + train_min_target = "
                             f"{mc_cfg.block_size + mc_cfg.train_min_target} (got {args.max_seq_len})")
         extra_modules = build_mc_modules(orig_model, mc_cfg, device)
-        # the objective calls the uncompiled GPT: its packed rows change shape every step
-        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank)
+        # the packed forwards call the uncompiled GPT (their rows change shape every step); the plain-LM
+        # rows, always B x T, go through the compiled one
+        mc_trainer = MCTrainer(orig_model, extra_modules, mc_cfg, seed=args.seed, rank=rank, lm=model)
         print0(f"MegaContext: {mc_cfg} | " + " + ".join(f"{n} {sum(p.numel() for p in m.parameters()):,}"
                                                         for n, m in extra_modules.items()) + " parameters")
 

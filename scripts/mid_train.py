@@ -213,12 +213,13 @@ def _train(args, ddp, rank, world_size, device):
     passthrough = base_meta.pop("model_data", {})
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
     mc_cfg, mc_trainer, mix = None, None, None
+    model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model
     if args.mc:
         from megacontext.checkpoint import mc_from_source
         from tasks.mc_mixture import MCMixture, load_filler, parse_list
         where = f"the base checkpoint {base_dir} (step {base_meta.get('step')})"
         mc_cfg, extra_modules, passthrough, mc_trainer = mc_from_source(args, orig_model, passthrough, base_meta,
-                                                                        where, device, rank)
+                                                                        where, device, rank, lm=model)
         if (not 0 <= args.mc_mix_share <= 1 or not 0 <= args.mc_mix_warmup <= 1
                 or min(args.mc_mix_batch_size, args.mc_warmup_rows_mult) < 1):
             raise UserError("--mc-mix-share and --mc-mix-warmup must be in [0, 1], --mc-mix-batch-size and "
@@ -229,7 +230,6 @@ def _train(args, ddp, rank, world_size, device):
         except ValueError as e:
             raise UserError(f"--mc-mix-*: {e}") from None
         print0(f"MegaContext: carried GistNet + LensNet from the base checkpoint | {mc_cfg}")
-    model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model
     token_bytes = get_token_bytes(device)
     print0(f"loaded base model {model_tag} step {base_meta.get('step')} | parameters: {orig_model.num_params():,}")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import Muon, setup_optimizers, sync_grads, zeropower_via_newtonschulz5
+from nanochat.optim import Muon, clip_grads, setup_optimizers, sync_grads, zeropower_via_newtonschulz5
 
 
 def tiny_gpt(vocab=97, n_layer=2, n_embd=64, n_head=4, n_kv_head=4, seq=64, seed=0):
@@ -187,3 +187,44 @@ def test_sync_grads_is_a_noop_without_process_group():
     p.grad = torch.full((3,), 2.0)
     sync_grads([p])
     assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_labelled_nll_equals_full_cross_entropy_in_value_and_grad():
+    """labelled_nll (logits only at labelled positions, in checkpointed chunks) is the per-position loss
+    of forward(..., loss_reduction='none'), 0 where unlabelled, with the same gradients."""
+    model = tiny_gpt().train()
+    torch.manual_seed(2)
+    ids = torch.randint(0, 97, (3, 20))
+    targets = torch.randint(0, 97, (3, 20))
+    targets[:, :7] = -1          # an unlabelled prefix (a packed row's working context)
+    targets[1, 15:] = -1         # and a padded end
+    ref = model(ids, targets, loss_reduction="none").view(3, 20)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    got = model.labelled_nll(model(ids, return_hidden=True), targets, chunk=5)  # 5: several chunks
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert (got[targets == -1] == 0).all() and (got[targets != -1] > 0).all()
+    got.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():  # the no-grad path (counterfactuals) gives the same values
+        torch.testing.assert_close(model.labelled_nll(model(ids, return_hidden=True), targets, chunk=7), ref.detach(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grads_clips_each_module_and_skips_one_without_grads():
+    """The returned norm is over every module before clipping; a module without grads (the reranker outside
+    midtraining: torch gives it a CPU zero, which on CUDA could not be stacked with the others) adds 0."""
+    torch.manual_seed(0)
+    a, b, idle = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    for m, scale in ((a, 3.0), (b, 0.1)):
+        for p in m.parameters():
+            p.grad = scale * torch.randn_like(p)
+    na = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in a.parameters()))
+    nb = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b.parameters()))
+    total = clip_grads([a, idle, b], max_norm=1.0)
+    assert total == pytest.approx(math.sqrt(na ** 2 + nb ** 2), rel=1e-6)
+    assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in a.parameters())) == pytest.approx(1.0, rel=1e-5)
+    assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b.parameters())) == pytest.approx(nb, rel=1e-6)
+    assert all(p.grad is None for p in idle.parameters())

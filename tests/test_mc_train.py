@@ -262,6 +262,19 @@ def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
     ref_lm = gpt(x[2:], y[2:])
     assert torch.allclose(loss, (2 * ref_mc + 3 * ref_lm) / 5, atol=1e-6)
     assert metrics["mc/rest_lm_loss"] == pytest.approx(float(ref_lm.detach()), abs=1e-6)
+    # `lm` (torch.compile(gpt) on CUDA) runs the plain rows: the same numbers, and only the B x T rows reach it
+    shapes = []
+
+    def lm(a, b):
+        shapes.append(tuple(a.shape))
+        return gpt(a, b)
+    loss_lm, _ = MCTrainer(gpt, nets, cfg, seed=1, lm=lm).loss(x, y, step=3)
+    assert torch.allclose(loss_lm, loss, atol=1e-6) and shapes == [(3, 192)]
+    plain = MCConfig(**{**base, "train_plain_lm": 1.0})
+    loss_plain, metrics = MCTrainer(gpt, build_mc_modules(gpt, plain), plain, seed=1, lm=lm).loss(x, y, step=3)
+    assert shapes == [(3, 192), (5, 192)] and "mc/plain_lm_loss" in metrics
+    assert torch.allclose(loss_plain, gpt(x, y), atol=1e-6)
+    MCTrainer(gpt, nets, cfg, lm=torch.compile(gpt))  # what base_train passes on CUDA (not called: no compile)
 
 
 def test_copy_warmup_ends_once_the_copy_loss_is_low(mc_base, capsys):
