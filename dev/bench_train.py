@@ -42,6 +42,12 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
+    p.add_argument("--compile", type=int, default=-1,
+                   help="torch.compile the GPT as base_train does (default: on CUDA only): the plain side, and the "
+                        "--mc side's plain-LM rows; its packed rows stay eager (they change shape every step)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="then profile this many --mc steps (torch.profiler): the top ops by self CPU and by device "
+                        "time, and how much of the wall time the device was busy")
     add_mc_args(p)
     return p.parse_args(argv)
 
@@ -65,8 +71,11 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = autocast_ctx(device.type)
     plain, mc_gpt = make_gpt(args, device), make_gpt(args, device)
+    compiled = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
+    plain_fwd = torch.compile(plain, dynamic=False) if compiled else plain
     nets = build_mc_modules(mc_gpt, cfg, device)
-    trainer = MCTrainer(mc_gpt, nets, cfg, seed=args.seed)
+    # as in base_train: the plain-LM rows of the --mc side go through the compiled GPT too
+    trainer = MCTrainer(mc_gpt, nets, cfg, seed=args.seed, lm=torch.compile(mc_gpt, dynamic=False) if compiled else None)
     mc_params = [p for m in nets.values() for p in m.parameters()]
     opt_plain = setup_optimizers(plain)
     opt_mc = setup_optimizers(mc_gpt, extra_adamw_params=mc_params)
@@ -75,14 +84,15 @@ def main(argv=None):
     phases = {}
     B, T = args.batch_size, args.seq_len
     print(f"GPT depth {args.depth} ({plain.num_params():,} params) | GistNet+LensNet {sum(p.numel() for p in mc_params):,} "
-          f"| B={B} T={T} | budget {cfg.budget}, B_h {cfg.hist_budget()} | device {device.type}")
+          f"| B={B} T={T} | budget {cfg.budget}, B_h {cfg.hist_budget()} | device {device.type} "
+          f"| plain side {'compiled' if compiled else 'eager'}")
 
     def step(side, x, y, it):
         sync()
         t0 = time.perf_counter()
         with autocast:
             if side == "plain":
-                loss, metrics = plain(x, y), {}
+                loss, metrics = plain_fwd(x, y), {}
             else:
                 loss, metrics = trainer.loss(x, y, it)
         loss.backward()
@@ -105,22 +115,51 @@ def main(argv=None):
                     if k.endswith("_ms"):
                         phases.setdefault(k, []).append(float(v))
     med = {k: statistics.median(v) for k, v in times.items()}
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     out = {"plain_ms": med["plain"], "mc_ms": med["mc"], "ratio": med["mc"] / med["plain"],
            "plain_mean_ms": statistics.mean(times["plain"]), "mc_mean_ms": statistics.mean(times["mc"]),
+           "cuda_peak_gb": peak_gb,  # both sides together (they share the process)
            # phase medians over the steps that had the phase (plain-LM share steps have only lm_ms)
            "mc_phases_ms": {k: statistics.median(v) for k, v in sorted(phases.items())},
            "phase_steps": {k: len(v) for k, v in sorted(phases.items())},
-           "config": {"depth": args.depth, "B": B, "T": T, "steps": args.steps, "mc": cfg.to_dict()}}
+           "config": {"depth": args.depth, "B": B, "T": T, "steps": args.steps, "device": device.type,
+                      "plain_compiled": compiled, "mc": cfg.to_dict()}}
     print(f"median step: plain {med['plain']:.1f} ms | --mc {med['mc']:.1f} ms | ratio {out['ratio']:.2f}x "
-          f"(means {out['plain_mean_ms']:.1f} / {out['mc_mean_ms']:.1f} ms)")
+          f"(means {out['plain_mean_ms']:.1f} / {out['mc_mean_ms']:.1f} ms)"
+          + (f" | CUDA peak {peak_gb:.1f} GiB" if device.type == "cuda" else ""))
     print("where --mc step time goes (median ms over the steps with that phase; n steps):")
     for k, v in out["mc_phases_ms"].items():
         print(f"  {k:<24} {v:8.2f}   (n={out['phase_steps'][k]})")
+    if args.profile:
+        out["profile"] = profile_steps(args, step, device, g)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {args.out}")
     return out
+
+
+def profile_steps(args, step, device, g):
+    """Profile args.profile --mc steps; print the top ops and return the device-busy share of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    B, T = args.batch_size, args.seq_len
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for it in range(args.profile):
+            ids = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
+            step("mc", ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), 10_000 + it)
+    wall_ms = 1000 * (time.perf_counter() - t0)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    busy_ms = float("nan")
+    if device.type == "cuda":
+        print(events.table(sort_by="self_device_time_total", row_limit=15))
+        busy_ms = sum(e.self_device_time_total for e in events) / 1000
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        print(f"profiled {args.profile} --mc steps: wall {wall_ms:.0f} ms, device busy {busy_ms:.0f} ms "
+              f"({100 * busy_ms / wall_ms:.0f} %), {launches / args.profile:.0f} kernel launches per step")
+    return {"steps": args.profile, "wall_ms": wall_ms, "device_busy_ms": busy_ms}
 
 
 if __name__ == "__main__":
