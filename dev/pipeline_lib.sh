@@ -18,6 +18,7 @@ DRY_RUN=0
 MC=0
 MC_FLAGS=()
 MC_BASE_FLAGS=()
+MC_MID_FLAGS=()
 MC_EXTRA_FLAGS=("${MC_EXTRA_FLAGS[@]}")
 BG_PIDS=()
 
@@ -139,8 +140,15 @@ setup_env() {
     # the defaults: budget 512, K=32); mid_train and chat_sft load them from the previous stage and
     # take the MCConfig from its checkpoint, mid_train also mixing the long-context tasks in.
     # MC_EXTRA_FLAGS (a bash array a run script may set) adds e.g. --mc-budget=1024 to base_train.
+    # Measured on one H100 at depth 20, T=2048, V=65536 (dev/bench_train.py, dev/LOG.md 2026-11-22 session 9):
+    # the MCConfig defaults (4 variants, a counterfactual for every gist, every row) ran out of its 80 GB at
+    # 8 rows per micro-step; 2 variants, 4 counterfactuals and the objective on 2 of 8 rows peaked at 53 GB
+    # and cost ~4.7x a plain step (the rest of the rows train plain LM). Hence 8 rows per micro-step under
+    # --mc (the total batch, and so the tokens per step, stay the run's: more accumulation steps).
     MC_FLAGS=(--mc)
-    MC_BASE_FLAGS=(--mc "${MC_EXTRA_FLAGS[@]}")
+    MC_BASE_FLAGS=(--mc --device-batch-size=8 --mc-train-variants=pyramid,lens --mc-lens-cands=4
+                   --mc-train-rows=2 "${MC_EXTRA_FLAGS[@]}")
+    MC_MID_FLAGS=(--mc --device-batch-size=8)
   fi
 }
 
@@ -171,7 +179,7 @@ pipeline_main() {
   launch scripts.base_eval
 
   note "midtraining (chat format, tools, skills)"
-  launch scripts.mid_train --run="$WANDB_RUN" "${MID_TRAIN_ARGS[@]}" "${MC_FLAGS[@]}"
+  launch scripts.mid_train --run="$WANDB_RUN" "${MID_TRAIN_ARGS[@]}" "${MC_MID_FLAGS[@]}"
   launch scripts.chat_eval --source=mid "${CHAT_EVAL_ARGS[@]}"
 
   note "supervised fine-tuning"
