@@ -75,18 +75,19 @@ def resolve_mc_config(args, src_meta=None):
     other than its default overrides the source only for the fields in OVERRIDABLE; a conflicting
     architecture field (block size, levels, GistNet/LensNet shape, positions) is a UserError.
     """
-    try:
-        flags = mc_config_from_args(args)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     src = (src_meta or {}).get("mc_config")
     if not src:
-        return flags
+        try:
+            return mc_config_from_args(args)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     base = MCConfig.from_dict(src)
     default = MCConfig()
     changes, conflicts = {}, []
     for f in dataclasses.fields(MCConfig):
-        mine, theirs = getattr(flags, f.name), getattr(base, f.name)
+        # the flags are read one by one, not validated as a config of their own: `--mc-train-hist-budget 96` on
+        # a checkpoint with 32 tail tokens is valid, though not next to the default tail of 128
+        mine, theirs = getattr(args, "mc_" + f.name), getattr(base, f.name)
         if mine == getattr(default, f.name) or mine == theirs:
             continue  # flag left at its default (or agreeing): the checkpoint's value holds
         if f.name in OVERRIDABLE:

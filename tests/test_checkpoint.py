@@ -153,3 +153,21 @@ def test_vocab_mismatch_is_a_user_error(tiny_base_env):
                        {"model_config": model.config_dict(), "step": 1})
     with pytest.raises(UserError, match="tokenizer"):
         cm.load_model("base", "cpu", "eval")
+
+
+def test_mc_flags_override_a_checkpoint_config_and_are_validated_merged():
+    """A later stage's --mc-* flags override the checkpoint's MCConfig field by field (OVERRIDABLE only); the
+    result is validated, not the flags alone: --mc-train-hist-budget 96 is legal beside the checkpoint's 32 tail
+    tokens, though not beside the default 128 (it raised before)."""
+    import argparse
+    from megacontext.checkpoint import resolve_mc_config
+    from megacontext.config import MCConfig, add_mc_args
+    parser = add_mc_args(argparse.ArgumentParser())
+    src = {"mc_config": MCConfig(budget=192, tail_tokens=32).to_dict()}
+    cfg = resolve_mc_config(parser.parse_args(["--mc-budget", "224", "--mc-train-hist-budget", "96"]), src)
+    assert (cfg.budget, cfg.tail_tokens, cfg.train_hist_budget, cfg.hist_budget()) == (224, 32, 96, 96)
+    assert resolve_mc_config(parser.parse_args([]), src) == MCConfig(budget=192, tail_tokens=32)
+    with pytest.raises(UserError, match="train_hist_budget"):  # the merged config is still checked
+        resolve_mc_config(parser.parse_args(["--mc-train-hist-budget", "300"]), src)
+    with pytest.raises(UserError, match="cannot change between stages"):
+        resolve_mc_config(parser.parse_args(["--mc-block-size", "16"]), src)
