@@ -130,8 +130,7 @@ class MCTrainer:
 
     def __init__(self, gpt, nets, cfg, seed=0, rank=0, lm=None):
         self.gpt, self.nets, self.cfg, self.seed, self.rank = gpt, nets, cfg, seed, rank
-        self.lm = gpt if lm is None else lm  # not `lm or gpt`: a compiled module refuses bool()
-        self.objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"], cfg, lm=self.lm)
+        self.objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"], cfg, lm=lm)
         self.split_objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"],
                                            dataclasses.replace(cfg, train_plain_lm=0.0))
 
@@ -159,7 +158,7 @@ class MCTrainer:
             # the MC objective on the first r rows, plain LM on the rest: its counterfactual and variant
             # forwards cost several times a plain forward, so a CPU run buys it for a few rows per step
             mc_loss, metrics = self.objective.loss(x[:r], y[:r], self.rng(step, micro), step)
-            lm_loss = self.lm(x[r:], y[r:])
+            lm_loss = self.objective.lm(x[r:], y[r:])
             metrics["mc/rest_lm_loss"] = float(lm_loss.detach())
             return (r * mc_loss + (x.size(0) - r) * lm_loss) / x.size(0), metrics
         return self.objective.loss(x, y, self.rng(step, micro), step)

@@ -162,11 +162,15 @@ def pack(parts, tgt_ids, tgt_labels, s, wte, cfg):
     return Packed(torch.stack(embeds), pos.to(device), None if sigma is None else sigma.to(device), labels, lens)
 
 
+def packed_nll(gpt, packed):
+    """(R, T) next-token NLL of packed rows, 0 where unlabelled (logits only at the labelled slots)."""
+    h = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma, return_hidden=True)
+    return gpt.labelled_nll(h, packed.labels)
+
+
 def row_nll(gpt, packed):
     """(sum of next-token NLL over each row's labelled target tokens (R,), label counts (R,))."""
-    h = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma, return_hidden=True)
-    losses = gpt.labelled_nll(h, packed.labels)
-    return losses.sum(1), (packed.labels != -1).sum(1)
+    return packed_nll(gpt, packed).sum(1), (packed.labels != -1).sum(1)
 
 
 def chunked_row_nll(gpt, parts, tgt_ids, tgt_labels, s, wte, cfg, chunk=64):
@@ -449,6 +453,6 @@ def lens_pair_agreement(objective, x, y, s, rng):
             "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
 
 
-__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "row_nll",
+__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "packed_nll", "row_nll",
            "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement", "gist_substitutability",
            "lens_pair_agreement", "entry_spans"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.allocator import Edit, apply_edits, collapse_groups
-from megacontext.objective import _as_rng, coarsest_wc, expand, pack, random_mix, wc_part
+from megacontext.objective import _as_rng, coarsest_wc, expand, pack, packed_nll, random_mix, wc_part
 from megacontext.reranker import candidate_ids, question_len, rerank_loss, rerank_scores, shortlist
 from megacontext.telemetry import PhaseTimer
 from megacontext.working_context import all_raw, entry_spans, tail_start, wc_cost
@@ -53,8 +53,7 @@ def needle_variant(num_tokens, blocks, budget, cfg, rng, extra=2):
 
 def weighted_target_nll(gpt, packed, weights):
     """Weighted mean next-token NLL over labelled slots: weights (R, T) (e.g. answer tokens x5)."""
-    h = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma, return_hidden=True)
-    losses = gpt.labelled_nll(h, packed.labels)
+    losses = packed_nll(gpt, packed)
     w = weights.to(losses.dtype) * (packed.labels != -1)
     return (losses * w).sum() / w.sum().clamp_min(1e-6)
 
