@@ -51,6 +51,13 @@ parse_args() {
   done
 }
 
+without_batch_size() {  # the arguments less any --device-batch-size=N, one per line (for mapfile)
+  local a
+  for a in "$@"; do
+    case "$a" in --device-batch-size=*) ;; *) echo "$a" ;; esac
+  done
+}
+
 quote_cmd() {  # the command as one shell-quoted line
   local out
   out=$(printf '%q ' "$@")
@@ -157,6 +164,10 @@ pipeline_main() {
   # the extra-flag arrays a run script left unset are empty (set -u below would reject them)
   TOK_TRAIN_ARGS=("${TOK_TRAIN_ARGS[@]}") BASE_TRAIN_ARGS=("${BASE_TRAIN_ARGS[@]}")
   MID_TRAIN_ARGS=("${MID_TRAIN_ARGS[@]}") SFT_ARGS=("${SFT_ARGS[@]}") CHAT_EVAL_ARGS=("${CHAT_EVAL_ARGS[@]}")
+  if [ "$MC" = 1 ]; then  # --mc sets its own rows per micro-step: one --device-batch-size per command
+    mapfile -t BASE_TRAIN_ARGS < <(without_batch_size "${BASE_TRAIN_ARGS[@]}")
+    mapfile -t MID_TRAIN_ARGS < <(without_batch_size "${MID_TRAIN_ARGS[@]}")
+  fi
   cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
   check_machine
   set -euo pipefail
