@@ -453,6 +453,6 @@ def lens_pair_agreement(objective, x, y, s, rng):
             "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
 
 
-__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "packed_nll", "row_nll",
-           "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement", "gist_substitutability",
-           "lens_pair_agreement", "entry_spans"]
+__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "packed_nll",
+           "row_nll", "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement",
+           "gist_substitutability", "lens_pair_agreement", "entry_spans"]
