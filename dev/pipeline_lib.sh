@@ -107,7 +107,9 @@ launch() {  # a python module on all NPROC GPUs (torchrun), or as plain python w
   local module=$1
   shift
   if [ "$NPROC" -gt 1 ]; then
-    run torchrun --standalone --nproc_per_node="$NPROC" -m "$module" "$@"
+    # "--": torchrun parses options after the module too, and takes --run=NAME for an abbreviation
+    # of its own --run-path ("ambiguous option"): every multi-GPU training command failed on it
+    run torchrun --standalone --nproc_per_node="$NPROC" -m "$module" -- "$@"
   else
     run python -m "$module" "$@"
   fi

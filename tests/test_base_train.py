@@ -30,7 +30,7 @@ def run_script(module, args, base_dir, torchrun=0, timeout=240):
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    cmd = launcher + ["-m", module] + list(args)
+    cmd = launcher + ["-m", module] + (["--"] if torchrun else []) + list(args)  # as dev/pipeline_lib.sh launches
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -34,7 +34,7 @@ def module_steps(plan):
         if "-m" not in words or words[0] not in ("python", "torchrun"):
             continue
         i = words.index("-m")
-        steps.append((words[i + 1], [w.split("=")[0] for w in words[i + 2:] if w.startswith("-")]))
+        steps.append((words[i + 1], [w.split("=")[0] for w in words[i + 2:] if w.startswith("-") and w != "--"]))
     return steps
 
 
@@ -57,7 +57,7 @@ def test_plan_has_every_stage_in_order(plans, script):
     lines = plan.splitlines()
     positions = []
     for stage in STAGES:
-        hits = [i for i, line in enumerate(lines) if stage in line]
+        hits = [i for i, line in enumerate(lines) if stage in line.replace(" -- ", " ")]  # torchrun's "--"
         assert hits, f"{script}: no step for {stage!r} in the plan:\n{plan}"
         positions.append(hits[0])
     assert positions == sorted(positions), f"{script}: stages out of order:\n{plan}"
@@ -79,6 +79,20 @@ def test_gpu_counts_and_sizes(plans):
         assert line.startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train")
         assert f"--depth={depth}" in line
     assert "--depth=10" in base_train_line("run10.sh")
+
+
+def test_torchrun_hands_every_flag_to_the_module(plans):
+    """torchrun's own parser reads options after `-m MODULE` too (it took --run=NAME for its --run-path and
+    stopped every multi-GPU run): each torchrun line must give the module exactly the plan's flags."""
+    from torch.distributed.run import get_args_parser
+    lines = [shlex.split(line.rstrip("&")) for script in SCRIPTS for line in plans[script].splitlines()
+             if line.startswith("torchrun ")]
+    assert any("--run=myrun" in words for words in lines)
+    for words in lines:
+        i = words.index("-m")
+        args = get_args_parser().parse_args(words[1:])
+        assert args.module and args.training_script == words[i + 1]
+        assert args.training_script_args == [w for w in words[i + 2:] if w != "--"], words
 
 
 def test_every_step_runs_help_and_accepts_its_flags(plans):
