@@ -2,7 +2,7 @@
 Pretrain the base GPT on the parquet shards.
 
     python -m scripts.base_train --depth=20                          # one GPU / CPU
-    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20     # DDP (NCCL; gloo on CPU)
+    torchrun --nproc_per_node=8 -m scripts.base_train -- --depth=20  # DDP (NCCL; gloo on CPU)
     python -m scripts.base_train --depth=2 --max-seq-len=128 --device-batch-size=4 \
         --total-batch-size=512 --num-iterations=50 --eval-every=25   # toy run on a CPU
 

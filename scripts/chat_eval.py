@@ -4,7 +4,7 @@ Evaluate a chat model (mid or sft) on tasks and print an accuracy table.
     python -m scripts.chat_eval -i sft                                  # every task
     python -m scripts.chat_eval -i mid -a "Arithmetic|Memory" -x 100    # some tasks, 100 problems each
     python -m scripts.chat_eval -i sft -a offline                       # the code-made tasks (no network)
-    torchrun --nproc_per_node=8 -m scripts.chat_eval -i sft             # problems split over ranks
+    torchrun --nproc_per_node=8 -m scripts.chat_eval -- -i sft          # problems split over ranks
 
 Offline tasks (code-made, no download): Arithmetic, Spelling, Memory, Identity.
 Hub tasks (need the internet or a cached copy; HF_HUB_OFFLINE=1 fails at once with one line):
