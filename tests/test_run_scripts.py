@@ -26,6 +26,13 @@ def dry_run(script, *args, tmp_path):
     return out
 
 
+def launched(words):
+    """(module, the arguments it receives) of a `python -m X ...` / `torchrun ... -m X -- ...` command."""
+    i = words.index("-m")
+    args = words[i + 2:]
+    return words[i + 1], args[1:] if args[:1] == ["--"] else args
+
+
 def module_steps(plan):
     """(module, [flags]) for each `python -m X` / `torchrun ... -m X` line (the venv and pip lines aside)."""
     steps = []
@@ -33,8 +40,8 @@ def module_steps(plan):
         words = shlex.split(line.rstrip("&"))
         if "-m" not in words or words[0] not in ("python", "torchrun"):
             continue
-        i = words.index("-m")
-        steps.append((words[i + 1], [w.split("=")[0] for w in words[i + 2:] if w.startswith("-") and w != "--"]))
+        module, args = launched(words)
+        steps.append((module, [w.split("=")[0] for w in args if w.startswith("-")]))
     return steps
 
 
@@ -89,10 +96,10 @@ def test_torchrun_hands_every_flag_to_the_module(plans):
              if line.startswith("torchrun ")]
     assert any("--run=myrun" in words for words in lines)
     for words in lines:
-        i = words.index("-m")
+        module, want = launched(words)
         args = get_args_parser().parse_args(words[1:])
-        assert args.module and args.training_script == words[i + 1]
-        assert args.training_script_args == [w for w in words[i + 2:] if w != "--"], words
+        assert args.module and args.training_script == module
+        assert args.training_script_args == want, words
 
 
 def test_every_step_runs_help_and_accepts_its_flags(plans):
