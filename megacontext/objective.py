@@ -441,16 +441,20 @@ def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1, per_row=False):
 @torch.no_grad()
 def lens_pair_agreement(objective, x, y, s, rng):
     """On held-out rows: LensNet's pair agreement and top-1 against counterfactual delta_nll on
-    recency-pyramid base WCs. Returns {agreement, top1, delta_nll}. It orders LensNet's logits, like
+    recency-pyramid base WCs. Returns {agreement, top1, delta_nll, recency}. It orders LensNet's logits, like
     training's mc/lens_agreement: tanh(z) rounds to -1 in float32 once z < ~ -9, and a LensNet trained to
-    reject every entry but a needle's ties there, which pair_agreement counts as chance."""
+    reject every entry but a needle's ties there, which pair_agreement counts as chance. `recency` is the
+    same agreement for the baseline that ranks the newest gist first (no LensNet): what a LensNet adds is
+    its agreement beyond that, not beyond 0.5."""
     rng = _as_rng(rng)
     readers = objective.readers(x, s)
     bases, delta, legal, _ = objective.counterfactuals(x, y, s, readers, rng, base="pyramid")
     scores, _ = objective.lensnet.score(bases, readers, objective.wte, logits=True)
     best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
+    newest_first = torch.arange(delta.size(1), dtype=torch.float32).expand_as(delta)  # WC entries are in time order
     return {"agreement": pair_agreement(scores, delta, legal), "top1": _top1(scores, delta, legal),
-            "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan")}
+            "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan"),
+            "recency": pair_agreement(newest_first, delta, legal)}
 
 
 __all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "packed_nll",

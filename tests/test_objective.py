@@ -223,7 +223,7 @@ def test_eval_helpers_run_and_are_consistent():
         gap = out["nll_dropped"] - out["nll_raw"]
         assert out["substitutability"] == pytest.approx((out["nll_dropped"] - out["nll_gists"]) / gap)
     lp = lens_pair_agreement(obj, x, y, 128, 0)
-    assert set(lp) == {"agreement", "top1", "delta_nll"}
+    assert set(lp) == {"agreement", "top1", "delta_nll", "recency"}
     # the ordering is LensNet's, not tanh's rounding: a bias that saturates every score changes nothing.
     # A fresh GPT (zero output projections) ignores its context, so every delta ties: perturb it first
     with torch.no_grad():
@@ -236,6 +236,29 @@ def test_eval_helpers_run_and_are_consistent():
     sat = lens_pair_agreement(obj, x, y, 128, 0)
     assert math.isfinite(lp["agreement"]) and lp["agreement"] != 0.5  # else tanh's ties could not be told apart
     assert sat["agreement"] == lp["agreement"] and sat["top1"] == lp["top1"]
+
+
+def test_recency_baseline_ranks_the_newest_gist_first(monkeypatch):
+    """lens_pair_agreement's `recency` orders the candidates newest first, whatever LensNet says: deltas
+    that grow towards the present read 1, deltas that shrink read 0, and ties are left out."""
+    obj, cfg = make()
+    x, y = batch(B=1, T=160)
+    real = obj.counterfactuals
+
+    def stub(sign):
+        def counterfactuals(*a, **k):
+            bases, delta, legal, base_nll = real(*a, **k)
+            legal = torch.zeros_like(legal)
+            legal[0, :3] = True  # three candidates, entries 0 < 1 < 2 in time
+            delta = torch.zeros_like(delta)
+            delta[0, :3] = sign * torch.tensor([0.5, 1.0, 2.0]) if sign else torch.tensor([1.0, 1.0, 1.0])
+            return bases, delta, legal, base_nll
+        return counterfactuals
+    for sign, want in ((1.0, 1.0), (-1.0, 0.0)):
+        monkeypatch.setattr(obj, "counterfactuals", stub(sign))
+        assert lens_pair_agreement(obj, x, y, 128, 0)["recency"] == want
+    monkeypatch.setattr(obj, "counterfactuals", stub(0.0))
+    assert math.isnan(lens_pair_agreement(obj, x, y, 128, 0)["recency"])  # all tied: no pair to order
 
 
 def test_telemetry_window_timer_and_format():
