@@ -12,6 +12,8 @@ One pass (`plan_edits`, pure):
 1. if the WC is over budget (tokens were appended), forced collapses of the lowest-scored, then
    oldest, legal groups until the cost fits; groups still in cooldown only when nothing else is
    left (the budget wins over the cooldown), and not capped by max_edits (the budget must hold).
+   A group scored above PINNED (beyond LensNet's tanh range: runtime.keep_scores lifts the blocks
+   focus opened for a question there) folds only after every other, in cooldown or not.
    A pass that had to collapse stops there.
 2. otherwise up to max_edits voluntary edits, strongest |score| first: expand a gist whose score
    > tau, collapse a sibling group whose mean score < -tau; an expansion must fit the budget, paid
@@ -43,6 +45,8 @@ class CooldownState:
 
 
 REVERSES = {"expand": "collapse", "collapse": "expand"}
+
+PINNED = 1.0  # LensNet scores lie in (-1, 1): a score above this is a caller's pin, not LensNet's
 
 
 def _node_keys(levels, indices):
@@ -151,7 +155,9 @@ def plan_edits(wc, scores, budget, cooldown_state, cfg):
                 raise WCError(f"no legal collapse left with cost {cost} > budget {budget}")
             late = blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown)
             need = -(-(cost - budget) // (K - 1))
-            pick = np.lexsort((g["start"], g["score"], late))[:need]  # not in cooldown, lowest, oldest
+            pinned = g["score"] > PINNED
+            # unpinned first, then not in cooldown, lowest, oldest
+            pick = np.lexsort((g["start"], g["score"], late, pinned))[:need]
             picks = [(int(g["pos"][j]), int(g["n"][j]), "collapse", int(g["level"][j]), int(g["index"][j]))
                      for j in pick]
             edits += [Edit("collapse", p[3], p[4]) for p in picks]

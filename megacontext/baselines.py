@@ -13,11 +13,12 @@ the same examples.
     megacontext_gaussian  the same working context read with gaussian positions
     full                  every token raw (the upper bound; None where N exceeds the GPT's sequence_len)
 
-Same budget, counted: every method but `full` gives the GPT exactly L = `shared_length(N, budget,
+Same budget, counted: every method but `full` gives the GPT at most L = `shared_length(N, budget,
 cfg)` input slots, the cost of the recency pyramid (the largest cost <= budget that a legal working
 context reaches; every expansion costs K - 1, so a WC cannot always fill the budget to the slot).
-LensNet focus starts from the coarsest tiling and expands until no expansion fits, which lands on the
-same cost. The raw baselines take exactly L tokens. `Context.slots` is what the tests count.
+The raw baselines take exactly L tokens. LensNet focus (FOCUSED) expands until no expansion fits,
+which lands on the same cost, unless it stops early: once it has opened a block it opens only that
+block's neighbours (retrieval.lens_focus). `Context.slots` is what the tests count.
 
 A Context is read by `greedy_decode` (exact-match tasks) or `continuation_nll` (long-document loss);
 tokens read after a context continue its positions (slot index, or the absolute token index under
@@ -38,6 +39,7 @@ from megacontext.working_context import (all_raw, entry_spans, recency_pyramid, 
 METHODS = ("truncation", "sinks", "mean_pool", "mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian",
            "full")
 MC_METHODS = ("mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian")  # need the MC nets
+FOCUSED = ("mc_lensnet", "megacontext", "megacontext_gaussian")  # lens_focus: at most L slots, not exactly L
 SINKS = 4  # attention-sink tokens kept from the start (StreamingLLM keeps 4)
 
 
@@ -263,6 +265,6 @@ def answer_matches(text, answer):
     return not rest or not rest[0].isalnum()
 
 
-__all__ = ["Models", "METHODS", "MC_METHODS", "SINKS", "Context", "shared_length", "raw_context", "truncation",
-           "sink_window", "MeanPool", "mean_pool_reader", "wc_context", "pyramid_or_raw", "span_is_raw",
+__all__ = ["Models", "METHODS", "MC_METHODS", "FOCUSED", "SINKS", "Context", "shared_length", "raw_context",
+           "truncation", "sink_window", "MeanPool", "mean_pool_reader", "wc_context", "pyramid_or_raw", "span_is_raw",
            "build_contexts", "greedy_decode", "continuation_nll", "answer_matches"]

@@ -100,7 +100,8 @@ def report_markdown(res, images):
     c = res["config"]
     methods = c["methods"]
     pv = res["position_scheme"]
-    parts = [f"Every method reads the same number of GPT input slots (budget {c['budget']}, block {c['block_size']}); "
+    parts = [f"The baselines read the same number of GPT input slots, the focused methods at most as many (budget "
+             f"{c['budget']}, block {c['block_size']}; mean slots read per cell: `context_slots` in the JSON); "
              f"`full` reads the whole history where it fits the GPT's sequence length ({c['sequence_len']}). "
              f"Model: {c['source']}" + (f" step {c['step']}" if c.get("step") is not None else "") +
              (" (random init: numbers are a smoke test, not evidence)" if c["source"] == "random-init" else "") + "."]

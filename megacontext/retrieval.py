@@ -131,7 +131,14 @@ def focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg):
     return owners[int(reranker(torch.cat(rows), wte).float().argmax())]
 
 
-MAX_COLLAPSES = 2  # groups of level-1 gists focus may fold into their level-2 parent to make room
+MAX_COLLAPSES = 3  # groups of level-1 gists focus may fold into their level-2 parent to make room (a needle
+# across two regions at 64x, budget 224, needed the third: dev/LOG.md, session 9)
+
+
+def leads_next_to(level, index, blocks, K):
+    """Whether gist (level, index) covers a block next to one of `blocks` (raw block indices), i.e. whether
+    expanding it opens or leads towards where the rest of a needle cut by a block or region edge lies."""
+    return any(n >= 0 and n // K ** (level - 1) == index for b in blocks for n in (b - 1, b + 1))
 
 
 def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=MAX_COLLAPSES, trace=None):
@@ -147,13 +154,19 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
     runcpu model: 92 -> 100 %; dev/LOG.md, session 4). A region focus itself opened is never folded: it was
     opened to find a block in it, which the next pass expands. Where no such group is left (past K regions
     the start is all level-2 gists), K level-2 regions fold into their level-3 parent instead (passkey at
-    256x: the opened region's block was one slot over the budget; dev/LOG.md, session 6). `trace`: a list that
-    receives the (level, index) of each gist focus expands, best first (the runtime keeps those blocks)."""
+    256x: the opened region's block was one slot over the budget; dev/LOG.md, session 6).
+    Once focus has opened a block, it goes on only towards that block's neighbours (`leads_next_to`: the rest
+    of a needle that a block or region edge cuts) and stops at the first pick elsewhere, before folding
+    anything for it, so the WC may end below the budget. Spare room spent elsewhere opened other keys'
+    blocks, and the GPT copied a wrong colour's key (multi-key at 16x, budget 224: 63-93 % -> 97-100 % on
+    four checkpoints; dev/LOG.md, session 12). `trace`: a list that receives the (level, index) of each gist
+    focus expands, best first (the runtime keeps those blocks)."""
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     K = cfg.block_size
     wc = start_wc(num_tokens, budget, cfg)
     opened = set()  # level-2 regions this focus expanded
+    raw = set()  # blocks this focus opened
     while True:
         gist = np.flatnonzero(wc.levels >= 1)
         room = wc_cost(wc, K) + K - 1 <= budget
@@ -161,8 +174,12 @@ def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, col
             break
         with torch.no_grad():
             scores = lensnet.score([wc], [reader], wte)[0][0].float().cpu().numpy().astype(np.float64)
+        j = focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg) if room or raw else None
+        if raw and not leads_next_to(int(wc.levels[j]), int(wc.indices[j]), raw, K):
+            break
         if room:
-            j = focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg)
+            if wc.levels[j] == 1:
+                raw.add(int(wc.indices[j]))
             if wc.levels[j] == 2:
                 opened.add(int(wc.indices[j]))
             if trace is not None:
@@ -332,5 +349,6 @@ def rerank_step(reranker, wte, x, z, legal, wcs, readers, targets, rows, cfg):
     return losses.mean(), sum(hits) / len(hits)
 
 
-__all__ = ["entry_covering", "open_blocks", "needle_variant", "weighted_target_nll", "lens_target_loss", "start_wc",
-           "focus_pick", "lens_curriculum", "question_end", "needle_loss", "rerank_step"]
+__all__ = ["entry_covering", "leads_next_to", "open_blocks", "needle_variant", "weighted_target_nll",
+           "lens_target_loss", "start_wc", "focus_pick", "lens_curriculum", "question_end", "needle_loss",
+           "rerank_step"]

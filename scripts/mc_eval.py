@@ -10,8 +10,9 @@ Methods (megacontext/baselines.py): truncation, sinks (StreamingLLM window), mea
 of children, no GistNet), mc_recency (GistNet gists, recency pyramid, no LensNet), mc_lensnet
 (LensNet focus alone), megacontext (two-stage focus: LensNet shortlists, the reranker reads the raw
 candidates with the question and picks; slot positions), megacontext_gaussian (the same working
-context, gaussian positions), full (all tokens raw; null where the history exceeds the GPT's sequence_len). Every
-method but full reads exactly the same number of GPT input slots (counted and checked per example).
+context, gaussian positions), full (all tokens raw; null where the history exceeds the GPT's sequence_len). The
+baselines read exactly the same number of GPT input slots, and the focused methods never more (focus stops
+short of the budget once it has nothing near its needle left to open): counted and checked per example.
 
 Tasks (tasks/longctx.py), filler = validation-shard text: passkey (5-digit key, greedy decoding, exact
 match that rejects near misses) at history = multiple x budget for each --multiples and needle depths
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
-from megacontext.baselines import (MC_METHODS, METHODS, Models, answer_matches, boundary_level, build_contexts,
+from megacontext.baselines import (FOCUSED, MC_METHODS, METHODS, Models, answer_matches, boundary_level, build_contexts,
                                    continuation_nll, greedy_decode, span_is_raw)
 from megacontext.eval_report import (EXACT_TASKS, alignment_lines, headline, mean_or_none, pct, report_markdown,
                                      validate_result, write_plots)
@@ -167,9 +168,11 @@ def make_tree(ids, gistnet, gpt, cfg, chunk=1 << 15):
 # evaluation
 
 def check_same_budget(ctxs, where):
-    """Every budgeted method must have read exactly the same number of GPT input slots."""
+    """The budgeted baselines must have read exactly the same number of GPT input slots, and the focused
+    methods (FOCUSED: lens_focus may stop short of the budget) no more than they did."""
     slots = {m: c.slots for m, c in ctxs.items() if c is not None and m != "full"}
-    if len(set(slots.values())) > 1:
+    fixed = {s for m, s in slots.items() if m not in FOCUSED}
+    if len(fixed) > 1 or (fixed and any(s > max(fixed) for s in slots.values())):
         raise AssertionError(f"methods read different numbers of slots at {where}: {slots}")
     return slots
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from megacontext.allocator import (CooldownState, Edit, apply_edits, collapse_groups, plan_edits, refocus)
+from megacontext.allocator import (PINNED, CooldownState, Edit, apply_edits, collapse_groups, plan_edits, refocus)
 from megacontext.config import MCConfig
 from megacontext.working_context import (BudgetError, WCError, WorkingContext, append_tokens, check_invariants,
                                          entry_spans, recency_pyramid, tail_start, wc_cost)
@@ -150,6 +150,23 @@ def test_cooldown_blocks_reversal_for_cooldown_passes():
         edits, wc, state = refocus(wc, np.where(kids, -1.0, 0.0), budget, state, cfg)
         history.append(Edit("collapse", *node) in edits)
     assert history == [False, False, True, False]
+
+
+def test_forced_collapse_folds_a_pinned_block_after_groups_in_cooldown():
+    """A block scored above PINNED (the runtime's kept blocks) outranks the cooldown: when the budget needs a
+    fold, a block opened in the last pass folds before the one focus opened for the question."""
+    cfg = MCConfig(block_size=4, max_level=1, budget=40, tail_tokens=8, cooldown=2)
+    levels = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0])  # blocks 2 and 5 raw; block 9 is the raw tail
+    wc = WorkingContext(levels, np.arange(10), 40)
+    grown = append_tokens(wc, 44, cfg)  # a new raw block: the tail now covers blocks 9-10
+    budget = wc_cost(grown, 4) - 3  # one fold (K - 1 slots) short
+    state = CooldownState(1, (("expand", 1, 5, 0),))  # block 5 was opened in the last pass
+    g = collapse_groups(grown, cfg, np.zeros(len(grown)))
+    assert sorted(int(i) for i in g["index"]) == [2, 5]  # the only legal folds: the two raw blocks
+    for pin, folded in ((0.5, 2), (2.0, 5)):  # liked: the cooldown protects block 5; pinned: block 2 stays
+        scores = np.where((grown.levels == 0) & (grown.indices == 2), pin, 0.0)
+        assert plan_edits(grown, scores, budget, state, cfg) == [Edit("collapse", 1, folded)]
+    assert PINNED < 2.0 - 1 / 2  # keep_scores' lowest lift for two kept blocks still pins
 
 
 def test_forced_collapse_after_append_lowest_then_oldest():

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext.baselines import (METHODS, SINKS, Models, answer_matches, boundary_level, build_contexts,
+from megacontext.baselines import (FOCUSED, METHODS, SINKS, Models, answer_matches, boundary_level, build_contexts,
                                    continuation_nll, greedy_decode, mean_pool_reader, shared_length, span_is_raw)
-from megacontext.retrieval import entry_covering, lens_focus, start_wc
+from megacontext.retrieval import entry_covering, leads_next_to, lens_focus, start_wc
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.kvcache import full_logits
@@ -88,9 +88,10 @@ def test_every_method_reads_the_same_counted_budget(n):
             if c is not None:
                 assert c.slots == n
             continue
-        assert c.slots == L == c.embeds.size(0) == c.pos.numel(), m  # counted GPT input length
+        assert c.embeds.size(0) == c.pos.numel() == c.slots, m  # counted GPT input length
+        assert c.slots == L if m not in FOCUSED else c.slots <= L, m  # focus may stop short, never go over
         if c.wc is not None:
-            assert wc_cost(c.wc, cfg.block_size) == L and c.wc.num_tokens == n
+            assert wc_cost(c.wc, cfg.block_size) == c.slots and c.wc.num_tokens == n
     # what the raw baselines read, token for token
     assert torch.equal(ctxs["truncation"].embeds, wte(torch.tensor(ids[n - L:])))
     s = min(SINKS, L) if L < n else L
@@ -110,6 +111,10 @@ def test_eval_refuses_unequal_budgets():
     assert check_same_budget({"truncation": a, "mc_recency": a, "full": b}, "x") == {"truncation": 10, "mc_recency": 10}
     with pytest.raises(AssertionError, match="different numbers of slots"):
         check_same_budget({"truncation": a, "sinks": b}, "x")
+    # focus may read fewer slots than the baselines, never more
+    assert check_same_budget({"truncation": b, "megacontext": a}, "x") == {"truncation": 11, "megacontext": 10}
+    with pytest.raises(AssertionError, match="different numbers of slots"):
+        check_same_budget({"truncation": a, "megacontext": b}, "x")
 
 
 # -----------------------------------------------------------------------------
@@ -159,13 +164,15 @@ def test_continuation_nll_and_decode_match_full_recompute(scheme_method):
         seq.append(t)
 
 
-def test_lens_focus_fills_the_budget_and_hit_detection():
+def test_lens_focus_fills_the_budget_until_it_opens_a_block_and_hit_detection():
     gpt, gistnet, lensnet, cfg = tiny_models()
     n = 3000
     ids = np.random.default_rng(3).integers(0, V, n).tolist()
     tree = make_tree(ids, gistnet, gpt, cfg)
-    wc = lens_focus(n, cfg.budget, cfg, lensnet, tree, gpt.transformer.wte)
-    assert wc_cost(wc, 32) == shared_length(n, cfg.budget, cfg)
+    trace = []
+    wc = lens_focus(n, cfg.budget, cfg, lensnet, tree, gpt.transformer.wte, trace=trace)
+    full = wc_cost(wc, 32) == shared_length(n, cfg.budget, cfg)
+    assert full or any(level == 1 for level, _ in trace)  # short of the budget only once a block was opened
     pyr = recency_pyramid(n, cfg.budget, cfg)
     assert span_is_raw(pyr, (n - 10, n), 32) and not span_is_raw(pyr, (5, 9), 32)
 
@@ -201,7 +208,8 @@ def test_lens_focus_collapses_an_unwanted_group_to_open_one_more_block():
     K, n = cfg.block_size, 400
     start = start_wc(n, cfg.budget, cfg)
     l1 = [int(i) for lv, i in zip(start.levels, start.indices) if lv == 1]
-    wanted = [l1[0], l1[len(l1) // 2], l1[-1]]  # three blocks; the start leaves room for one
+    wanted = l1[:3]  # a needle over three blocks in a row; the start leaves room for one
+    assert wanted == [wanted[0], wanted[0] + 1, wanted[0] + 2]
     assert (cfg.budget - wc_cost(start, K)) // (K - 1) == 1
     net = WantsBlocks(wanted, K)
     without = lens_focus(n, cfg.budget, cfg, net, None, None, collapses=0)
@@ -210,6 +218,45 @@ def test_lens_focus_collapses_an_unwanted_group_to_open_one_more_block():
     check_invariants(wc, cfg, cfg.budget)
     assert all(span_is_raw(wc, (b * K, b * K + K), K) for b in wanted)
     assert wc_cost(wc, K) == wc_cost(without, K)  # the same budget, spent on the wanted blocks
+
+
+def test_leads_next_to_covers_a_block_s_neighbours_at_every_level():
+    K = 4
+    for blocks in ([0], [5], [7, 8], [15, 16, 40]):
+        near = {n for b in blocks for n in (b - 1, b + 1) if n >= 0}
+        for level in (1, 2, 3):
+            for index in range(12):  # brute force: a gist covers blocks [index * K^(L-1), (index + 1) * K^(L-1))
+                span = range(index * K ** (level - 1), (index + 1) * K ** (level - 1))
+                assert leads_next_to(level, index, blocks, K) == any(n in span for n in near), (blocks, level, index)
+
+
+def test_lens_focus_goes_on_only_towards_the_neighbours_of_a_block_it_opened(monkeypatch):
+    """A needle across a region edge: focus opens its first block, then the neighbouring region and block.
+    A wanted block elsewhere stops focus, with room left, instead of letting a second needle in."""
+    cfg = MCConfig(block_size=4, max_level=2, budget=40, tail_tokens=4, lens_dim=32, lens_heads=2, lens_layers=1)
+    K, n = cfg.block_size, 200
+    start = start_wc(n, cfg.budget, cfg)
+    regions = [int(i) for lv, i in zip(start.levels, start.indices) if lv == 2]
+    r = regions[1]
+    edge = [r * K - 1, r * K]  # the last block of region r - 1 and the first of region r
+    assert all(start.levels[entry_covering(start, b * K, K)] == 2 for b in edge)
+    wc = lens_focus(n, cfg.budget, cfg, WantsBlocks(edge, K), None, None)
+    check_invariants(wc, cfg, cfg.budget)
+    assert all(span_is_raw(wc, (b * K, b * K + K), K) for b in edge)
+    far = edge[:1] + [regions[-1] * K + 1]  # the same first block, and one in another region
+    import megacontext.retrieval as R
+    events = []  # expansions and folds, in order
+    for name in ("expand", "apply_edits"):
+        monkeypatch.setattr(R, name, lambda *a, _f=getattr(R, name), _n=name, **k: events.append(_n) or _f(*a, **k))
+    trace = []
+    wc = lens_focus(n, cfg.budget, cfg, WantsBlocks(far, K), None, None, trace=trace)
+    assert events[-1] == "expand"  # the far pick stopped focus before it folded a group to make room for it
+    check_invariants(wc, cfg, cfg.budget)
+    assert span_is_raw(wc, (far[0] * K, far[0] * K + K), K) and not span_is_raw(wc, (far[1] * K, far[1] * K + K), K)
+    assert trace == [(2, far[0] // K), (1, far[0])]  # its region, its block, and nothing after
+    assert wc == lens_focus(n, cfg.budget, cfg, WantsBlocks(far[:1], K), None, None)  # no fold made for it either
+    alone = lens_focus(n, cfg.budget, cfg, WantsBlocks(far[1:], K), None, None)
+    assert span_is_raw(alone, (far[1] * K, far[1] * K + K), K)  # within reach: the rule kept it closed, not the budget
 
 
 def test_lens_focus_folds_level_2_regions_into_level_3_when_no_level_1_group_is_left():
@@ -255,8 +302,10 @@ def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
         assert sum(c["n"] for c in row.values()) == 4 and all(set(c) == {"n"} | set(METHODS) for c in row.values())
     for task in ("passkey", "needle", "kv_recall"):  # the counted budget, recorded per cell
         for cell in a["context_slots"][task].values():
-            used = {v for m, v in cell.items() if m != "full" and v is not None}
-            assert len(used) <= 1 and all(v <= 128 for v in used)
+            fixed = {v for m, v in cell.items() if m not in FOCUSED + ("full",) and v is not None}
+            assert len(fixed) <= 1 and all(v <= 128 for v in fixed)
+            limit = max(fixed) if fixed else 128
+            assert all(cell[m] is None or cell[m] <= limit for m in FOCUSED if m in cell)
     assert a["position_scheme"]["winner"] in ("slot", "gaussian", "tie")
     # determinism: same flags, same numbers
     _run(tmp_path / "b" / "mc_eval.json")

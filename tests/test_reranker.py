@@ -81,8 +81,8 @@ def test_two_stage_focus_opens_the_reranker_pick():
         reader, wte = reader_over(ids, cfg)
         wc = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
         assert span_is_raw(wc, (blk * K, blk * K + K), K)
-        one = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: same cost, its own choice
-        assert one.num_tokens == wc.num_tokens and wc_cost(one, K) == wc_cost(wc, K)
+        one = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: its own choice, same budget
+        assert one.num_tokens == wc.num_tokens and max(wc_cost(one, K), wc_cost(wc, K)) <= cfg.budget
 
 
 def test_focus_looks_inside_level_2_regions_for_the_reranker():
