@@ -22,13 +22,14 @@ SFT_STEPS=${SFT_STEPS:-40}
 # 1x fell from 87 to 63 % and the gists stopped helping on prose at all (dev/LOG.md, session 7)
 TEXT_SHARE=${TEXT_SHARE:-0}
 RUN=${WANDB_RUN:-dummy}
-# MegaContext is on by default (MC=0 trains a plain model). A toy budget: 192 working-context slots,
-# 32 raw tail tokens (192 is the least that opens a needle coarse to fine at 256x: 32 tail + 47 gists
-# + 3 x 31 expansions), and 2 heads per layer (--head-dim 64): copying needs a previous-token head and
-# an induction head. Pretraining runs the MC objective on every row of 3 batches in 4, with 4
-# counterfactual expansions per row and the gists' bag-of-words loss: together they make the gists
-# carry what the GPT uses (level-1 substitutability 0.68 instead of 0.42; base val bpb 1.97 instead of
-# 1.88, and ~8 min instead of 3; dev/LOG.md, session 7). Midtraining (MC on 4 rows of every other chat
+# MegaContext is on by default (MC=0 trains a plain model). A toy budget: 224 working-context slots
+# (at 192 a 64x needle across two level-2 regions did not fit; dev/LOG.md, session 12), 32 raw tail
+# tokens, training histories under 96 slots (--mc-train-hist-budget, as at 192: pretraining reads only
+# that), and 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
+# head. Pretraining runs the MC objective on every row of 3 batches in 4, with 4 counterfactual
+# expansions per row and the gists' bag-of-words loss: together they make the gists carry what the GPT
+# uses (level-1 substitutability 0.68 instead of 0.42; base val bpb 1.97 instead of 1.88, and ~8 min
+# instead of 3; dev/LOG.md, session 7). Midtraining (MC on 4 rows of every other chat
 # or text batch, as pretraining did before) starts with the copy
 # warm-up (random-token span copies until the GPT copies) and then spends 80 % of its batches on
 # needle tasks (multi-key twice as often as pass keys and key-value recall: the reranker learns from the
@@ -39,7 +40,7 @@ RUN=${WANDB_RUN:-dummy}
 MC_BASE=() MC_MID=() HEADS=()
 if [ "$MC" = 1 ]; then
   HEADS=(--head-dim 64)
-  MC_BASE=(--mc --mc-budget 192 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
+  MC_BASE=(--mc --mc-budget 224 --mc-train-hist-budget 96 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
            --mc-train-plain-lm 0.25 --mc-train-rows 0 --mc-gist-bow-weight 1.0)
   MC_MID=(--mc --mc-train-plain-lm 0.5 --mc-train-rows 4 --mc-mix-multiples 1,4,16,64 --mc-mix-batch-size 16
           --mc-mix-share 0.8 --mc-mix-warmup 0.4 --mc-warmup-rows-mult 2
