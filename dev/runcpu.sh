@@ -40,8 +40,8 @@ RUN=${WANDB_RUN:-dummy}
 MC_BASE=() MC_MID=() HEADS=()
 if [ "$MC" = 1 ]; then
   HEADS=(--head-dim 64)
-  MC_BASE=(--mc --mc-budget 224 --mc-train-hist-budget 96 --mc-tail-tokens 32 --mc-lens-cands 4 --mc-train-variants pyramid,lens
-           --mc-train-plain-lm 0.25 --mc-train-rows 0 --mc-gist-bow-weight 1.0)
+  MC_BASE=(--mc --mc-budget 224 --mc-train-hist-budget 96 --mc-tail-tokens 32 --mc-lens-cands 4
+           --mc-train-variants pyramid,lens --mc-train-plain-lm 0.25 --mc-train-rows 0 --mc-gist-bow-weight 1.0)
   MC_MID=(--mc --mc-train-plain-lm 0.5 --mc-train-rows 4 --mc-mix-multiples 1,4,16,64 --mc-mix-batch-size 16
           --mc-mix-share 0.8 --mc-mix-warmup 0.4 --mc-warmup-rows-mult 2
           --mc-mix-tasks passkey,multikey,multikey,kv_recall,text)

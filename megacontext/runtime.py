@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from nanochat.common import UserError
-from megacontext.allocator import CooldownState, refocus as allocator_refocus
+from megacontext.allocator import PINNED, CooldownState, refocus as allocator_refocus
 from megacontext.config import MCConfig
 from megacontext.kvcache import WCKVCache
 from megacontext.tree import MCTree, validate_ids
@@ -100,8 +100,9 @@ def sample_token(logits, temperature, top_k, rng):
 def keep_scores(scores, wc, kept):
     """
     The allocator's scores with the raw blocks in `kept` (best first) lifted above every LensNet score (in
-    (-1, 1)): 2 - r / len(kept) for rank r, so a forced collapse folds them last, the latest-kept first,
-    and no voluntary collapse (score < -tau) picks them. Gists keep their scores (a lifted gist would be
+    (-1, 1)) and above allocator.PINNED: PINNED + 1 - r / len(kept) for rank r, so a forced collapse folds
+    them after every other group (cooldown or not), the latest-kept first, and no voluntary collapse
+    (score < -tau) picks them. Gists keep their scores (a lifted gist would be
     expanded).
     """
     if not kept:
@@ -111,7 +112,7 @@ def keep_scores(scores, wc, kept):
     for j in np.flatnonzero(wc.levels == 0):
         r = rank.get(int(wc.indices[j]))
         if r is not None:
-            scores[j] = 2.0 - r / len(kept)
+            scores[j] = PINNED + 1.0 - r / len(kept)
     return scores
 
 

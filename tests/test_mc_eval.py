@@ -563,7 +563,8 @@ def test_quality_shape_and_report_rows():
                 {**q, "level_1": {**lvl, "nll_raw": float("nan")}}, {k: v for k, v in q.items() if k != "lens"},
                 {**q, "level_2": 3.0}, {**q, "level_1": {k: v for k, v in lvl.items() if k != "rows"}}, [],
                 {**q, "level_1": {**lvl, "substitutability_ci": [0.75, 0.25]}},
-                {**q, "lens": {**q["lens"], "agreement_ci": 0.8}}, {**q, "lens": {**q["lens"], "recency_agreement": 2.0}}):
+                {**q, "lens": {**q["lens"], "agreement_ci": 0.8}},
+                {**q, "lens": {**q["lens"], "recency_agreement": 2.0}}):
         with pytest.raises(ValueError, match="documented shape"):
             validate_result({**base, "quality": bad})
     md = quality_markdown(q, {"doc_target": 64, "sequence_len": 1024})

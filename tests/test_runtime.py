@@ -14,6 +14,7 @@ from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet
 from megacontext.lensnet import LensNet
 from megacontext.reranker import Reranker
+from megacontext.allocator import PINNED
 from megacontext.runtime import MCSession, SessionError, keep_scores
 from megacontext.working_context import WorkingContext, check_invariants, materialize, wc_cost
 from nanochat.common import UserError
@@ -226,6 +227,7 @@ def test_keep_scores_lifts_kept_raw_blocks_by_rank():
     scores = np.array([0.9, -0.5, 0.2, -0.9, 0.1])
     out = keep_scores(scores, wc, kept=[2, 1, 3])  # block 3 is a gist here: not lifted
     assert out.tolist() == [0.9, 2.0 - 1 / 3, 2.0, -0.9, 0.1] and scores[1] == -0.5  # a copy
+    assert all(v > PINNED for v in out[[1, 2]])  # pinned: the allocator folds them after everything else
     assert keep_scores(scores, wc, []) is scores
 
 
