@@ -18,7 +18,7 @@ incremental edits then keep the WC in budget while the reply is generated; the r
 are the last it collapses, the latest opened first (focus opens best first). Without that, the reply's
 first token pushed a full WC over budget and the allocator folded the block holding the answer
 (passkey at 4x through the runtime: 87 % vs 100 % for the same WC read without appending; dev/LOG.md,
-session 6). (With the allocator alone, a
+session 6). It opens only blocks next to those (`keep_scores`). (With the allocator alone, a
 pass key 4-64x the budget behind the question was raw 0-10 % of the time: from a recency pyramid there
 was no room to open it; dev/LOG.md, session 4.) The GPT only
 runs on a WC within budget, through a WCKVCache (kvcache.py) that recomputes only from the first
@@ -42,7 +42,7 @@ from megacontext.config import MCConfig
 from megacontext.kvcache import WCKVCache
 from megacontext.tree import MCTree, validate_ids
 from megacontext.reranker import rerank_scores
-from megacontext.retrieval import lens_focus
+from megacontext.retrieval import leads_next_to, lens_focus
 from megacontext.working_context import (WCError, WorkingContext, all_raw, append_tokens, check_invariants,
                                          recency_pyramid, wc_cost)
 
@@ -97,22 +97,33 @@ def sample_token(logits, temperature, top_k, rng):
     return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng))
 
 
-def keep_scores(scores, wc, kept):
+def keep_scores(scores, wc, kept, cfg):
     """
-    The allocator's scores with the raw blocks in `kept` (best first) lifted above every LensNet score (in
-    (-1, 1)) and above allocator.PINNED: PINNED + 1 - r / len(kept) for rank r, so a forced collapse folds
-    them after every other group (cooldown or not), the latest-kept first, and no voluntary collapse
-    (score < -tau) picks them. Gists keep their scores (a lifted gist would be
-    expanded).
+    The allocator's scores while a reply is generated after a focus that opened the raw blocks `kept` (best
+    first):
+    - those blocks are lifted above every LensNet score (in (-1, 1)) and above allocator.PINNED:
+      PINNED + 1 - r / len(kept) for rank r, so a forced collapse folds them after every other group
+      (cooldown or not), the latest-kept first, and no voluntary collapse (score < -tau) picks them;
+    - a gist is held at tau at most (so never expanded) unless expanding it opens or leads towards a kept
+      block (one a forced collapse folded) or a block next to one (`retrieval.leads_next_to`): focus's own
+      rule, carried through the reply. LensNet scores every labelled key alike, and a refocus during the
+      answer spent the room focus left on another key's block (multi-key at 16x through the runtime: 28 of
+      30 right, 29 with the rule; dev/LOG.md, session 13).
+    Negative scores are untouched: the allocator still folds what LensNet wants least.
     """
     if not kept:
         return scores
     scores = np.array(scores, dtype=np.float64, copy=True)
     rank = {b: r for r, b in enumerate(kept)}
-    for j in np.flatnonzero(wc.levels == 0):
-        r = rank.get(int(wc.indices[j]))
-        if r is not None:
-            scores[j] = PINNED + 1.0 - r / len(kept)
+    for j in range(len(wc)):
+        level, index = int(wc.levels[j]), int(wc.indices[j])
+        if level == 0:
+            r = rank.get(index)
+            if r is not None:
+                scores[j] = PINNED + 1.0 - r / len(kept)
+        elif not (leads_next_to(level, index, kept, cfg.block_size)
+                  or any(b // cfg.block_size ** (level - 1) == index for b in kept)):
+            scores[j] = min(scores[j], cfg.tau)
     return scores
 
 
@@ -344,7 +355,7 @@ class MCSession:
         for _ in range(self.passes):
             scores, _ = self.lensnet.score([self.wc], self.tree, wte)
             scores = keep_scores(rerank_scores(scores[0], self.wc, self.tree, self.reranker, wte, self.cfg),
-                                 self.wc, self.kept)
+                                 self.wc, self.kept, self.cfg)
             e, self.wc, self.cooldown = allocator_refocus(self.wc, scores, self.cfg.budget, self.cooldown, self.cfg)
             edits += e
             if not e:

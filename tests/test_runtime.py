@@ -223,12 +223,26 @@ print(json.dumps({"stats": stats, "ids": ids, "after": s.stats()}))
 
 
 def test_keep_scores_lifts_kept_raw_blocks_by_rank():
+    cfg = tiny_cfg()  # K = 4, tau = 0.1
     wc = WorkingContext(np.array([1, 0, 0, 1, 0]), np.array([0, 1, 2, 3, 16]), 68)
-    scores = np.array([0.9, -0.5, 0.2, -0.9, 0.1])
-    out = keep_scores(scores, wc, kept=[2, 1, 3])  # block 3 is a gist here: not lifted
-    assert out.tolist() == [0.9, 2.0 - 1 / 3, 2.0, -0.9, 0.1] and scores[1] == -0.5  # a copy
+    scores = np.array([-0.9, -0.5, 0.2, 0.05, 0.1])
+    out = keep_scores(scores, wc, [2, 1, 3], cfg)  # block 3 is a gist here: not lifted
+    assert out.tolist() == [-0.9, 2.0 - 1 / 3, 2.0, 0.05, 0.1] and scores[1] == -0.5  # a copy
     assert all(v > PINNED for v in out[[1, 2]])  # pinned: the allocator folds them after everything else
-    assert keep_scores(scores, wc, []) is scores
+    assert keep_scores(scores, wc, [], cfg) is scores
+
+
+def test_keep_scores_expands_only_towards_the_kept_blocks():
+    cfg = tiny_cfg()  # K = 4, tau = 0.1
+    # level-2 region 0 (blocks 0-3), gist 4, raw 5 and 6, gists 7 and 8, the raw tail (blocks 9-12)
+    wc = WorkingContext(np.array([2, 1, 0, 0, 1, 1, 0, 0, 0, 0]), np.array([0, 4, 5, 6, 7, 8, 9, 10, 11, 12]), 52)
+    check_invariants(wc, cfg)
+    scores = np.array([0.9, 0.8, -0.5, 0.3, 0.7, -0.6, 0, 0, 0, 0])
+    # kept 6: only gist 7 (next to it) may still be expanded; the far region and gist 4 (next to the
+    # unkept raw 5) are held at tau, and a negative score stays free to fold its group
+    assert keep_scores(scores, wc, [6], cfg).tolist() == [0.1, 0.1, -0.5, 2.0, 0.7, -0.6, 0, 0, 0, 0]
+    # kept block 2, folded into region 0 by a forced collapse: the region may open again towards it
+    assert keep_scores(scores, wc, [6, 2], cfg).tolist() == [0.9, 0.1, -0.5, 2.0, 0.7, -0.6, 0, 0, 0, 0]
 
 
 def test_reply_tokens_never_fold_the_blocks_focus_opened(tok):
@@ -251,6 +265,30 @@ def test_reply_tokens_never_fold_the_blocks_focus_opened(tok):
         list(s2.generate_ids(12, stop=False))
         folded_without += not set(kept) <= set(s2.wc.indices[s2.wc.levels == 0].tolist())
     assert folded_without > 0
+
+
+def test_reply_opens_blocks_only_next_to_what_focus_opened(tok, monkeypatch):
+    """While the reply is written, the allocator's expansions go only towards the blocks focus opened for
+    the message (their neighbours, or themselves after a forced fold), not to whatever LensNet likes."""
+    import megacontext.runtime as runtime
+
+    def elsewhere(n_seeds=4):
+        """Blocks the reply opened raw that neither focus kept nor lie next to a kept block, over n_seeds."""
+        out = 0
+        for seed in range(n_seeds):
+            s = make_session(tok, tiny_cfg(), seed=seed)
+            s.ingest(np.random.default_rng(seed).integers(10, tok.get_vocab_size(), 12 * s.cfg.budget).tolist())
+            near = {b + d for b in s.kept for d in (-1, 0, 1)}
+            before, old = set(s.wc.indices[s.wc.levels == 0].tolist()), s.tree.num_tokens // s.K
+            for _ in s.generate_ids(24, stop=False):
+                raw = set(s.wc.indices[s.wc.levels == 0].tolist())
+                out += len({b for b in raw - before - near if b < old})  # new tail blocks do not count
+                before |= raw
+        return out
+
+    assert elsewhere() == 0
+    monkeypatch.setattr(runtime, "leads_next_to", lambda *a: True)  # the rule off: every gist may open
+    assert elsewhere() > 0, "the reply never opened a block elsewhere: this test cannot tell the rule from none"
 
 
 def test_saved_session_continues_identically_in_a_new_process(tok, tiny_base_env, tiny_docs, tmp_path):
