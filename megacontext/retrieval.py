@@ -135,10 +135,15 @@ MAX_COLLAPSES = 3  # groups of level-1 gists focus may fold into their level-2 p
 # across two regions at 64x, budget 224, needed the third: dev/LOG.md, session 9)
 
 
+def covers_any(level, index, blocks, K):
+    """Whether gist (level, index) covers one of the raw blocks `blocks` (block indices; negative ones never)."""
+    return any(n >= 0 and n // K ** (level - 1) == index for n in blocks)
+
+
 def leads_next_to(level, index, blocks, K):
     """Whether gist (level, index) covers a block next to one of `blocks` (raw block indices), i.e. whether
     expanding it opens or leads towards where the rest of a needle cut by a block or region edge lies."""
-    return any(n >= 0 and n // K ** (level - 1) == index for b in blocks for n in (b - 1, b + 1))
+    return covers_any(level, index, [n for b in blocks for n in (b - 1, b + 1)], K)
 
 
 def lens_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=MAX_COLLAPSES, trace=None):
@@ -349,6 +354,6 @@ def rerank_step(reranker, wte, x, z, legal, wcs, readers, targets, rows, cfg):
     return losses.mean(), sum(hits) / len(hits)
 
 
-__all__ = ["entry_covering", "leads_next_to", "open_blocks", "needle_variant", "weighted_target_nll",
+__all__ = ["entry_covering", "covers_any", "leads_next_to", "open_blocks", "needle_variant", "weighted_target_nll",
            "lens_target_loss", "start_wc", "focus_pick", "lens_curriculum", "question_end", "needle_loss",
            "rerank_step"]

@@ -42,7 +42,7 @@ from megacontext.config import MCConfig
 from megacontext.kvcache import WCKVCache
 from megacontext.tree import MCTree, validate_ids
 from megacontext.reranker import rerank_scores
-from megacontext.retrieval import leads_next_to, lens_focus
+from megacontext.retrieval import covers_any, lens_focus
 from megacontext.working_context import (WCError, WorkingContext, all_raw, append_tokens, check_invariants,
                                          recency_pyramid, wc_cost)
 
@@ -105,24 +105,24 @@ def keep_scores(scores, wc, kept, cfg):
       PINNED + 1 - r / len(kept) for rank r, so a forced collapse folds them after every other group
       (cooldown or not), the latest-kept first, and no voluntary collapse (score < -tau) picks them;
     - a gist is held at tau at most (so never expanded) unless expanding it opens or leads towards a kept
-      block (one a forced collapse folded) or a block next to one (`retrieval.leads_next_to`): focus's own
-      rule, carried through the reply. LensNet scores every labelled key alike, and a refocus during the
-      answer spent the room focus left on another key's block (multi-key at 16x through the runtime: 28 of
-      30 right, 29 with the rule; dev/LOG.md, session 13).
+      block (one a forced collapse folded) or a block next to one: focus's own rule
+      (`retrieval.leads_next_to`), carried through the reply. LensNet scores every labelled key alike, and
+      a refocus during the answer spent the room focus left on another key's block (multi-key at 16x
+      through the runtime: 28 of 30 right, 29 with the rule; dev/LOG.md, session 13).
     Negative scores are untouched: the allocator still folds what LensNet wants least.
     """
     if not kept:
         return scores
     scores = np.array(scores, dtype=np.float64, copy=True)
     rank = {b: r for r, b in enumerate(kept)}
+    near = [n for b in kept for n in (b - 1, b, b + 1)]
     for j in range(len(wc)):
         level, index = int(wc.levels[j]), int(wc.indices[j])
         if level == 0:
             r = rank.get(index)
             if r is not None:
                 scores[j] = PINNED + 1.0 - r / len(kept)
-        elif not (leads_next_to(level, index, kept, cfg.block_size)
-                  or any(b // cfg.block_size ** (level - 1) == index for b in kept)):
+        elif not covers_any(level, index, near, cfg.block_size):
             scores[j] = min(scores[j], cfg.tau)
     return scores
 

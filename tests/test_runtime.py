@@ -287,7 +287,7 @@ def test_reply_opens_blocks_only_next_to_what_focus_opened(tok, monkeypatch):
         return out
 
     assert elsewhere() == 0
-    monkeypatch.setattr(runtime, "leads_next_to", lambda *a: True)  # the rule off: every gist may open
+    monkeypatch.setattr(runtime, "covers_any", lambda *a: True)  # the rule off: every gist may open
     assert elsewhere() > 0, "the reply never opened a block elsewhere: this test cannot tell the rule from none"
 
 
