@@ -35,7 +35,7 @@ from megacontext.gistnet import GistLevels, build_gists
 from megacontext.positions import wc_positions
 from megacontext.telemetry import PhaseTimer
 from megacontext.working_context import (WorkingContext, all_raw, coarsest_tiling, entry_spans, min_cost,
-                                         recency_pyramid, tail_start, wc_cost, wc_slot_embeddings)
+                                         recency_pyramid, swap_share, tail_start, wc_cost, wc_slot_embeddings)
 
 
 
@@ -354,13 +354,15 @@ class MCObjective:
             metrics["mc/gist_bow"] = bow.detach()
         # --- the LM on every WC variant, one packed forward
         with timer("select"):
-            parts, wcs = [], []
+            parts, wcs, swaps = [], [], []
             for name in self.variants:
                 for b in range(B):
                     p, wc = self._variant_part(name, b, x, s, readers[b], rng)
                     parts.append(p)
                     if wc is not None:
                         wcs.append(wc)
+                    if name == "lens" and s > self.B_h:
+                        swaps.append(swap_share(wc, recency_pyramid(s, self.B_h, cfg)))
         with timer("lm"):
             rep = torch.arange(B, device=x.device).repeat(len(self.variants))
             packed = pack(parts, x[rep, s:], y[rep, s:], s, self.wte, cfg)
@@ -374,6 +376,8 @@ class MCObjective:
             metrics[f"mc/lod_count/{L}"] = float(np.mean([int((wc.levels == L).sum()) for wc in wcs])) if wcs else 0.0
         if wcs:
             metrics["mc/budget_utilization"] = float(np.mean([wc_cost(wc, cfg.block_size) for wc in wcs])) / self.B_h
+        if swaps:  # how far learned focus departs from the recency default (0: it only repeats recency)
+            metrics["mc/swap_rate"] = float(np.mean(swaps))
         loss = lm_loss if bow is None else lm_loss + cfg.gist_bow_weight * bow
         # --- LensNet from counterfactual single expansions
         if cfg.lens_weight > 0 and s > self.B_h:

@@ -9,7 +9,8 @@ time the phases of a step, and format the result for wandb and for the report.
     if step % 50 == 0: wandb_run.log(win.flush(), step=step)
 
 Names follow the design: `mc/loss_by_variant/<name>`, `mc/delta_nll`, `mc/lens_loss`,
-`mc/lens_agreement`, `mc/lod_count/<L>`, `mc/budget_utilization`, `mc/<phase>_ms`.
+`mc/lens_agreement`, `mc/lod_count/<L>`, `mc/swap_rate` (share of the LensNet-driven WC's entries that the
+recency pyramid at the same budget does not hold), `mc/budget_utilization`, `mc/<phase>_ms`.
 """
 import math
 import time

@@ -94,6 +94,15 @@ def wc_cost(wc, K):
     return int(entry_costs(wc, K).sum())
 
 
+def swap_share(wc, ref):
+    """Share of wc's entries (level, index) that ref does not hold: how much detail a focus moved away
+    from ref (0: the same WC; training logs it against the recency pyramid as mc/swap_rate)."""
+    if wc.num_tokens != ref.num_tokens:
+        raise WCError(f"cannot compare WCs over {wc.num_tokens} and {ref.num_tokens} tokens")
+    have = set(zip(ref.levels.tolist(), ref.indices.tolist()))
+    return sum((L, i) not in have for L, i in zip(wc.levels.tolist(), wc.indices.tolist())) / len(wc)
+
+
 def tail_start(num_tokens, cfg):
     """First token of the protected raw tail: the newest tail_tokens complete tokens + the partial block."""
     K = cfg.block_size

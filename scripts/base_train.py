@@ -91,7 +91,7 @@ def get_args(argv=None):
 
 
 MC_LOG_KEYS = ("mc/loss", "mc/lens_loss", "mc/lens_agreement", "mc/delta_nll", "mc/budget_utilization",
-               "mc/needle_lm", "mc/lens_hit", "mc/lens_rerank_hit")
+               "mc/swap_rate", "mc/needle_lm", "mc/lens_hit", "mc/lens_rerank_hit")
 
 
 def mc_log_line(means):

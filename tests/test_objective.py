@@ -18,7 +18,7 @@ from megacontext.objective import (MCObjective, bow_loss, coarsest_wc, expand, f
 from megacontext.retrieval import (entry_covering, lens_curriculum, lens_target_loss, needle_loss, needle_variant,
                                    open_blocks, start_wc, weighted_target_nll)
 from megacontext.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
-from megacontext.working_context import check_invariants, wc_cost
+from megacontext.working_context import WCError, check_invariants, recency_pyramid, swap_share, wc_cost
 from nanochat.gpt import GPT, GPTConfig
 
 V = 64
@@ -275,6 +275,31 @@ def test_telemetry_window_timer_and_format():
     assert for_wandb({"x": torch.tensor(1.5), "y": float("nan")}, step=3) == {"x": 1.5, "step": 3}
     assert format_metrics({"mc/b": 2, "mc/a": 1, "z": 0}, keys=["mc/"]) == "mc/a=1 | mc/b=2"
     assert "| mc/a | 1 |" in format_table({"mc/a": 1})
+
+
+def test_swap_rate_is_lens_focus_departure_from_the_recency_pyramid(monkeypatch):
+    obj, cfg = make(train_variants="pyramid,lens")
+    x, y = batch()
+    s, B_h = 96, obj.B_h
+    pyr = recency_pyramid(s, B_h, cfg)
+    assert swap_share(pyr, pyr) == 0.0
+    with pytest.raises(WCError, match="96 and 64"):
+        swap_share(pyr, recency_pyramid(64, B_h, cfg))
+    # a LensNet that prefers the oldest gists: focus opens old blocks where the pyramid opens the newest
+    oldest = lambda wc, reader: -np.arange(len(wc), dtype=np.float64)
+    monkeypatch.setattr(MCObjective, "_lens_scores", lambda self, wc, reader: oldest(wc, reader))
+    _, m = obj.loss(x, y, np.random.default_rng(0), s=s)
+    lens = focus_wc(coarsest_wc(s, cfg), B_h, cfg, lambda w: oldest(w, None))
+    new = {(int(L), int(i)) for L, i in zip(lens.levels, lens.indices)}
+    old = {(int(L), int(i)) for L, i in zip(pyr.levels, pyr.indices)}
+    assert 0 < m["mc/swap_rate"] == len(new - old) / len(lens) < 1
+    # a focus that lands on the pyramid itself swaps nothing
+    monkeypatch.setattr("megacontext.objective.focus_wc", lambda base, budget, cfg, fn: recency_pyramid(s, budget, cfg))
+    _, m = obj.loss(x, y, np.random.default_rng(0), s=s)
+    assert m["mc/swap_rate"] == 0.0
+    # without a LensNet-driven variant there is nothing to measure
+    obj.variants = ["pyramid"]
+    assert "mc/swap_rate" not in obj.loss(x, y, np.random.default_rng(0), s=s)[1]
 
 
 # -----------------------------------------------------------------------------
