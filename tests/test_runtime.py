@@ -330,3 +330,15 @@ def test_mc_bench_writes_the_documented_json(tmp_path, monkeypatch):
     # L0 stores 4-byte ids; gists add 2 * 64 bytes per 32 tokens at level 1 (fp16): ~8 bytes/token
     assert 4 < out["bytes_per_token"] < 12
     assert all(w["wc_cost"] <= 192 for w in out["wc"].values())
+
+
+def test_mc_bench_decodes_in_a_full_working_context(tmp_path, monkeypatch):
+    # the ratio t(longest)/t(shortest) must time history lengths, not WC sizes: with the blocks focus kept still
+    # held (the bench asks no question), a random-init LensNet never refilled the room focus left, and these
+    # WCs stayed at 242 and 258 of 512 slots
+    from scripts import mc_bench
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    res = mc_bench.main(["--histories", "1000,3000", "--depth", "1", "--vocab", "256", "--budget", "512",
+                         "--decode-tokens", "40", "--rounds", "1", "--refocus-events", "2", "--full-kv-max", "0",
+                         "--device", "cpu", "--no-report"])
+    assert all(0.85 * 512 < w["wc_cost"] <= 512 for w in res["wc"].values()), res["wc"]
