@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.allocator import Edit, apply_edits, collapse_groups
-from megacontext.objective import _as_rng, coarsest_wc, expand, pack, packed_nll, random_mix, wc_part
+from megacontext.gistnet import build_gists
+from megacontext.objective import _as_rng, bow_loss, coarsest_wc, expand, pack, packed_nll, random_mix, wc_part
 from megacontext.reranker import candidate_ids, question_len, rerank_loss, rerank_scores, shortlist
 from megacontext.telemetry import PhaseTimer
 from megacontext.working_context import all_raw, entry_spans, tail_start, wc_cost
@@ -267,13 +268,17 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     learns coarse / fine / redirect listwise choices over all entries, and its loss reaches GistNet.
     With a `reranker` (and cfg.rerank_k > 0), it learns to pick the answer's block out of LensNet's own
     top-k level-1 shortlist of one example per row (the answer block added when LensNet missed it).
+    With cfg.gist_bow_weight > 0 the gists keep their bag-of-words loss here too: without it these rows (80 %
+    of runcpu's midtraining) eroded it from 6.28 to 7.32-7.36 nats (held out; 6.19-6.27 with it), and
+    level-1 substitutability read 0.51 / 0.29 / 0.54 / 0.39 over four seeds (dev/LOG.md, session 14).
     Every gist is computed fresh by the current GistNet (no mixed versions). Returns (loss, metrics).
     """
     cfg, rng, B_h = obj.cfg, _as_rng(rng), obj.B_h
     B, m = x.size(0), x.size(1) - s
     timer = PhaseTimer(x.device)
     with timer("gist"):
-        readers = obj.readers(x, s)
+        levels = build_gists(obj.gistnet, obj.wte(x[:, :s]), cfg)
+        readers = obj.readers(x, s, levels)
     with timer("select"):
         parts, lens_wcs, lens_rd, lens_tg, lens_row = [], [], [], [], []
         for b in range(B):
@@ -303,6 +308,10 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
             W[r, n:n + m] = w[r].to(x.device)
         lm = weighted_target_nll(obj.gpt, packed, W)
     loss, metrics = lm, {"mc/needle_lm": lm.detach(), "mc/hist_tokens": float(s)}
+    if cfg.gist_bow_weight > 0:
+        bow = bow_loss(levels[1], x[:, :s], obj.gpt.lm_head.weight, cfg.block_size)
+        loss = loss + cfg.gist_bow_weight * bow
+        metrics["mc/gist_bow"] = bow.detach()
     if lens_wcs:
         with timer("lens"):
             scores, mask = obj.lensnet.score(lens_wcs, lens_rd, obj.wte, logits=True)

@@ -2,6 +2,7 @@
 The end-to-end objective on the real GPT / GistNet / LensNet (tiny): next-token labels, gradients into
 every MegaContext module, the random-token floor ln(V), LensNet loss direction, and telemetry.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -401,6 +402,19 @@ def test_needle_loss_trains_every_module_and_learns_a_fixed_needle():
             unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
             assert not unchanged, unchanged
     assert float(m["mc/lens_ce"]) < first  # LensNet (with GistNet) learns where the needle is
+
+
+def test_needle_loss_keeps_the_gists_bag_of_words_term():
+    obj, cfg = make(seed=3, gist_bow_weight=0.5)
+    plain = MCObjective(obj.gpt, obj.gistnet, obj.lensnet, dataclasses.replace(cfg, gist_bow_weight=0.0))
+    s = 200
+    x, y = batch(B=2, T=232, seed=5)
+    loss, m = needle_loss(obj, x, y, s, [3, 17], np.random.default_rng(0))
+    loss0, m0 = needle_loss(plain, x, y, s, [3, 17], np.random.default_rng(0))
+    ref = bow_loss(build_gists(obj.gistnet, obj.wte(x[:, :s]), cfg)[1], x[:, :s], obj.gpt.lm_head.weight, 8)
+    torch.testing.assert_close(m["mc/gist_bow"], ref.detach())
+    torch.testing.assert_close(loss - loss0, 0.5 * ref, rtol=1e-5, atol=1e-5)
+    assert "mc/gist_bow" not in m0
 
 
 def test_question_end_and_readers_over_the_question():
