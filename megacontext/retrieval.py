@@ -269,8 +269,9 @@ def needle_loss(obj, x, y, s, blocks, rng, weights=None, extra=2, lens_weight=1.
     With a `reranker` (and cfg.rerank_k > 0), it learns to pick the answer's block out of LensNet's own
     top-k level-1 shortlist of one example per row (the answer block added when LensNet missed it).
     With cfg.gist_bow_weight > 0 the gists keep their bag-of-words loss here too: without it these rows (80 %
-    of runcpu's midtraining) eroded it from 6.28 to 7.32-7.36 nats (held out; 6.19-6.27 with it), and
-    level-1 substitutability read 0.51 / 0.29 / 0.54 / 0.39 over four seeds (dev/LOG.md, session 14).
+    of runcpu's midtraining) eroded it from 6.28 to 7.32-7.36 nats (held out; 6.09-6.27 with it), and
+    level-1 substitutability read 0.51 / 0.29 / 0.54 / 0.39 over four seeds and 0.21 in runcpu's run, against
+    0.26 / 0.39 / 0.44 without: inside the seed spread (dev/LOG.md, session 14).
     Every gist is computed fresh by the current GistNet (no mixed versions). Returns (loss, metrics).
     """
     cfg, rng, B_h = obj.cfg, _as_rng(rng), obj.B_h
