@@ -355,14 +355,16 @@ class MCObjective:
         # --- the LM on every WC variant, one packed forward
         with timer("select"):
             parts, wcs, swaps = [], [], []
+            # what swap_rate compares the LensNet-driven WCs with
+            pyramid = recency_pyramid(s, self.B_h, cfg) if "lens" in self.variants and s > self.B_h else None
             for name in self.variants:
                 for b in range(B):
                     p, wc = self._variant_part(name, b, x, s, readers[b], rng)
                     parts.append(p)
                     if wc is not None:
                         wcs.append(wc)
-                    if name == "lens" and s > self.B_h:
-                        swaps.append(swap_share(wc, recency_pyramid(s, self.B_h, cfg)))
+                    if name == "lens" and pyramid is not None:
+                        swaps.append(swap_share(wc, pyramid))
         with timer("lm"):
             rep = torch.arange(B, device=x.device).repeat(len(self.variants))
             packed = pack(parts, x[rep, s:], y[rep, s:], s, self.wte, cfg)
