@@ -186,8 +186,9 @@ def headline(res):
     if res["long_doc"].get("gap_closed") is not None:
         out["mc long_doc gap_closed"] = res["long_doc"]["gap_closed"]
     q = res.get("quality") or {}
-    if (q.get("level_1") or {}).get("substitutability") is not None:
-        out["mc gist substitutability L1"] = q["level_1"]["substitutability"]
+    for key, name in (("level_1", "L1"), ("level_1_no_tail", "L1 no tail")):
+        if (q.get(key) or {}).get("substitutability") is not None:
+            out[f"mc gist substitutability {name}"] = q[key]["substitutability"]
     if (q.get("lens") or {}).get("agreement") is not None:
         out["mc lens pair agreement"] = q["lens"]["agreement"]
     return out

@@ -6,6 +6,10 @@ task read.
 - gist substitutability per level: target NLL with the history raw / as gists / dropped (raw tail
   only) / absent, and (dropped - gists) / (dropped - raw); level 2's raw reference may exceed the
   GPT's context, which the JSON says (raw_fits_context);
+- the same per level without a raw tail (level_1_no_tail, level_2_no_tail: the whole history as gists,
+  against none of it). With the tail, the ratio asks what gists add beyond the tokens a working context
+  always keeps raw; on a GPT that barely reads past its tail that is a ratio of two hundredths of a nat.
+  Without it, it asks whether gists carry what their own tokens carried, the nearest block's included;
 - the LM guard: gists must beat no history at every level;
 - LensNet pair agreement and top-1 against counterfactual delta_nll, beside the agreement of ranking the
   newest gist first (a GPT that reads its far context gains most from the nearest block: LensNet earns
@@ -25,6 +29,9 @@ QUALITY_BATCH = 4  # rows per gist_substitutability call (bounds memory: four hi
 
 QUALITY_LEVEL_KEYS = ("history_tokens", "target_tokens", "rows", "nll_raw", "nll_gists", "nll_dropped", "nll_none",
                       "substitutability")
+
+QUALITY_LEVELS = (("level_1", 1, False), ("level_2", 2, False), ("level_1_no_tail", 1, True),
+                  ("level_2_no_tail", 2, True))  # (entry, gist level, no raw tail)
 
 QUALITY_LENS_KEYS = ("history_tokens", "rows", "agreement", "top1", "delta_nll")
 
@@ -128,7 +135,7 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
     from nanochat.common import autocast_ctx
     gpt, gistnet, lensnet, tok, cfg = models.gpt, models.gistnet, models.lensnet, models.tok, models.cfg
     seq_len = gpt.config.sequence_len
-    out = {"level_1": None, "level_2": None, "lens": None}
+    out = dict.fromkeys([k for k, _, _ in QUALITY_LEVELS] + ["lens"])
     if gistnet is None:
         return dict(out, reasons={k: "needs GistNet and LensNet weights (this checkpoint has none)" for k in out})
     hist, reasons = quality_plan(cfg, seq_len, target)
@@ -143,15 +150,21 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
         return windows[s]
 
     with autocast_ctx(device.type):
-        for level in (1, 2):
-            key, s = f"level_{level}", hist[f"level_{level}"]
+        for key, level, no_tail in QUALITY_LEVELS:
+            s = hist[f"level_{level}"]  # the same histories (and windows) with and without the tail
+            if no_tail and cfg.tail_tokens == 0:
+                reasons[key] = f"the working context keeps no raw tail (tail_tokens 0): level_{level} is this figure"
+                continue
             ws = cut(key, s) if s is not None else []
             if not ws:
+                if s is None:
+                    reasons.setdefault(key, reasons.get(f"level_{level}", "no history for this level"))
                 continue
+            c = dataclasses.replace(cfg, tail_tokens=0) if no_tail else cfg
             rows = {k: [] for k in ("raw", "gists", "dropped", "none")}
-            for x, y in tqdm(list(token_batches(ws, device, batch)), desc=f"quality L{level}", disable=not progress,
-                             leave=False):
-                r = gist_substitutability(gpt, gistnet, x, y, s, cfg, level, per_row=True)
+            desc = f"quality L{level}" + (" no tail" if no_tail else "")
+            for x, y in tqdm(list(token_batches(ws, device, batch)), desc=desc, disable=not progress, leave=False):
+                r = gist_substitutability(gpt, gistnet, x, y, s, c, level, per_row=True)
                 for k in rows:
                     rows[k] += r["rows"][k]
             # every row scores `target` tokens: the mean of the row means is the token mean
@@ -165,8 +178,8 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
                                                             substitutability_ratio, seed) if gap > 1e-6 else None,
                         "lm_guard": bool(nll["gists"] < nll["none"]), "raw_fits_context": s + target <= seq_len}
             if out[key]["substitutability"] is None:
-                reasons[key] = ("the raw history does not lower the target NLL below the raw tail's (NLL raw >= "
-                               "dropped): substitutability is undefined")
+                reasons[key] = (f"the raw history does not lower the target NLL below {'no history' if no_tail else 'the raw tail'}"
+                               "'s (NLL raw >= dropped): substitutability is undefined")
         key, s = "lens", hist["lens"]
         ws = cut(key, s) if s is not None and lensnet is not None else []
         if lensnet is None:
@@ -208,12 +221,13 @@ def quality_lines(q):
     def f(v, fmt=".4f"):
         return "-" if v is None else format(v, fmt)
     lines = []
-    for level in (1, 2):
-        r = q.get(f"level_{level}")
+    for key, level, no_tail in QUALITY_LEVELS:
+        r, name = q.get(key), f"L{level}" + (" no tail" if no_tail else "")
         if r is None:
-            lines.append(f"quality   L{level}: null ({q['reasons'].get(f'level_{level}', '')})")
+            if key in q:  # absent: JSON from before the no-tail entries
+                lines.append(f"quality   {name}: null ({q['reasons'].get(key, '')})")
             continue
-        lines.append(f"quality   L{level} s={r['history_tokens']} rows={r['rows']}: NLL raw {f(r['nll_raw'])} gists "
+        lines.append(f"quality   {name} s={r['history_tokens']} rows={r['rows']}: NLL raw {f(r['nll_raw'])} gists "
                      f"{f(r['nll_gists'])} dropped {f(r['nll_dropped'])} none {f(r['nll_none'])}  substitutability "
                      f"{f(r['substitutability'], '.3f')}{_ci(r, 'substitutability_ci')}  lm_guard {r['lm_guard']}"
                      + ("" if r["raw_fits_context"] else "  (raw reference beyond sequence_len)"))
@@ -231,9 +245,10 @@ def quality_problems(q, number_or_null):
     if not isinstance(q, dict):
         return ["'quality' must be an object"]
     out = []
-    for name, keys, flags in (("level_1", QUALITY_LEVEL_KEYS, ("lm_guard", "raw_fits_context")),
-                              ("level_2", QUALITY_LEVEL_KEYS, ("lm_guard", "raw_fits_context")),
-                              ("lens", QUALITY_LENS_KEYS, ())):
+    levels = [(k, QUALITY_LEVEL_KEYS, ("lm_guard", "raw_fits_context"), no_tail) for k, _, no_tail in QUALITY_LEVELS]
+    for name, keys, flags, optional in levels + [("lens", QUALITY_LENS_KEYS, (), False)]:
+        if optional and name not in q:  # the no-tail entries: JSON from before them lacks them
+            continue
         if name not in q:
             out.append(f"quality needs {name!r} (an object or null)")
             continue
@@ -270,19 +285,20 @@ def quality_markdown(q, c):
     rows = ["| level | history tokens | NLL raw | NLL gists | NLL dropped (raw tail only) | NLL none | "
             "substitutability (target >= 0.5) | LM guard (gists < none) |", "|---" * 8 + "|"]
     notes = []
-    for level in (1, 2):
-        r = q.get(f"level_{level}")
+    for key, lv, no_tail in QUALITY_LEVELS:
+        r, level = q.get(key), f"{lv}, no raw tail" if no_tail else lv
         if r is None:
-            rows.append(f"| {level} | - | - | - | - | - | - | - |")
-            notes.append(f"level {level}: not measured ({reasons.get(f'level_{level}', 'no reason given')})")
+            if key in q:  # absent: JSON from before the no-tail entries
+                rows.append(f"| {level} | - | - | - | - | - | - | - |")
+                notes.append(f"level {level}: not measured ({reasons.get(key, 'no reason given')})")
             continue
         star = "" if r["raw_fits_context"] else "*"
         sub = "-" if r["substitutability"] is None else f"{r['substitutability']:.3f}{_ci(r, 'substitutability_ci')}"
         guard = "-" if r["lm_guard"] is None else ("pass" if r["lm_guard"] else "FAIL")
         rows.append(f"| {level} | {r['history_tokens']} | {f(r['nll_raw'])}{star} | {f(r['nll_gists'])} | "
                     f"{f(r['nll_dropped'])} | {f(r['nll_none'])} | {sub} | {guard} |")
-        if r["substitutability"] is None and f"level_{level}" in reasons:
-            notes.append(f"level {level}: {reasons[f'level_{level}']}")
+        if r["substitutability"] is None and key in reasons:
+            notes.append(f"level {level}: {reasons[key]}")
         if star:
             notes.append(f"*level {level}: the raw reference ({r['history_tokens'] + r['target_tokens']} tokens) "
                          f"exceeds the GPT's sequence length ({c['sequence_len']})")
@@ -298,5 +314,8 @@ def quality_markdown(q, c):
                 f"top-1 {t1} ({lens['rows']} rows, {lens['history_tokens']}-token histories)"
                 + (f"; {reasons['lens']}." if lens["agreement"] is None and "lens" in reasons else "."))
     n = max([r["rows"] for r in (q.get("level_1"), q.get("level_2")) if r] or [0])
+    if any(q.get(k) for k, _, no_tail in QUALITY_LEVELS if no_tail):
+        notes.append("no raw tail: the whole history as gists, against no history at all (dropped = none); with "
+                     "the tail, the ratio counts only what gists add beyond the tokens the working context keeps raw")
     return (f"### Gist quality and LensNet agreement (last {c['doc_target']} tokens of {n} stretches of validation "
             f"text)\n\n" + "\n".join(rows) + "\n" + "".join(f"\n{x}\n" for x in notes) + "\n" + line)

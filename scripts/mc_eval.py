@@ -21,7 +21,8 @@ near-miss decoys; the question names the key); kv_recall; long_doc (mean NLL of 
 tokens of --doc-tokens stretches of validation text, and the share of the truncation->full gap closed);
 quality (the training-proof figures, on the same validation text: per gist level, the target NLL with
 the history raw / as gists / dropped to the raw tail / absent, the gists' substitutability for the raw
-tokens and the LM guard; LensNet's pair agreement and top-1 against counterfactual expansions).
+tokens and the LM guard, each also without a raw tail (the whole history as gists against none of it);
+LensNet's pair agreement and top-1 against counterfactual expansions).
 
 Output JSON: {"config", "passkey": {"<multiple>": {"<method>": acc}}, "needle": {...}, "kv_recall":
 {...}, "long_doc": {"<method>": nll, "gap_closed": float}} plus extras: passkey_depth {"<multiple>":
@@ -30,7 +31,8 @@ acc}}} (level = the coarsest block-tree boundary the needle sentence crosses: 0 
 across two blocks of one region, 2 across two level-2 regions, ...), lens_hit_rate {"<task>":
 {"<multiple>": {"<method>": share of examples whose asked key (or needle) is raw in the working
 context}}}, context_slots, long_doc_gap_closed (per method), position_scheme (slot vs gaussian),
-timings, and quality: {"level_1": Q, "level_2": Q, "lens": L, "reasons": {"<entry>": why it is null}}
+timings, and quality: {"level_1": Q, "level_2": Q, "level_1_no_tail": Q, "level_2_no_tail": Q, "lens": L,
+"reasons": {"<entry>": why it is null}}
 with Q = null or {"history_tokens", "target_tokens", "rows", "nll_raw", "nll_gists", "nll_dropped",
 "nll_none", "substitutability", "substitutability_ci" ([lo, hi]: a 90 % bootstrap interval over rows),
 "lm_guard": bool, "raw_fits_context": bool} and L = null or {"history_tokens", "rows", "agreement",
@@ -56,7 +58,9 @@ from megacontext.baselines import (FOCUSED, MC_METHODS, METHODS, Models, answer_
                                    continuation_nll, greedy_decode, span_is_raw)
 from megacontext.eval_report import (EXACT_TASKS, alignment_lines, headline, mean_or_none, pct, report_markdown,
                                      validate_result, write_plots)
-from megacontext.quality import doc_windows, quality_lines, quality_plan, run_quality
+from megacontext.quality import QUALITY_LEVELS, doc_windows, quality_lines, quality_plan, run_quality
+
+QUALITY_ENTRIES = [k for k, _, _ in QUALITY_LEVELS] + ["lens"]
 
 TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4, "quality": 5}
 QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
@@ -397,8 +401,8 @@ def main(argv=None):
     res = {"config": config, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None},
            "passkey_depth": {}, "passkey_alignment": {}, "lens_hit_rate": {}, "context_slots": {},
            "long_doc_gap_closed": {}, "skipped": [],
-           "timings": {}, "quality": {"level_1": None, "level_2": None, "lens": None,
-                                      "reasons": dict.fromkeys(("level_1", "level_2", "lens"), "not in --tasks")}}
+           "timings": {}, "quality": {**dict.fromkeys(QUALITY_ENTRIES),
+                                      "reasons": dict.fromkeys(QUALITY_ENTRIES, "not in --tasks")}}
     print(f"mc_eval: {info['source']} GPT depth {gpt.config.n_layer} width {gpt.config.n_embd}, budget {budget}, "
           f"methods {methods}, device {device}")
     for task in EXACT_TASKS:

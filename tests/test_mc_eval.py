@@ -502,13 +502,32 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
             assert ci is None or ci[0] <= ci[1]
         else:
             assert r["substitutability"] is None and "undefined" in q["reasons"][key]
+    # without a raw tail: the same windows, so raw and none are the tailed entry's to the digit, dropped is
+    # none, and the gists are the whole history's (a reference computation with tail_tokens 0)
+    from megacontext.objective import gist_substitutability
+    from megacontext.quality import doc_windows
+    for key, r in (("level_1", l1), ("level_2", l2)):
+        r0 = q[f"{key}_no_tail"]
+        assert r0["history_tokens"] == r["history_tokens"] and r0["rows"] == r["rows"]
+        assert (r0["nll_raw"], r0["nll_none"]) == (r["nll_raw"], r["nll_none"]) and r0["nll_dropped"] == r0["nll_none"]
+        s = r["history_tokens"]
+        w = torch.tensor(doc_windows(tiny_docs[-24:], models.tok, s + 33, 2))
+        ref = gist_substitutability(gpt, gistnet, w[:, :-1], w[:, 1:], s, replace(cfg, tail_tokens=0),
+                                    int(key[-1]), per_row=True)
+        assert r0["nll_gists"] == pytest.approx(float(np.mean(ref["rows"]["gists"])), abs=1e-5)
+        assert r0["nll_gists"] != r["nll_gists"]  # the tail's tokens are gists now
+    tailless = run_quality(models._replace(cfg=replace(cfg, tail_tokens=0)), tiny_docs[-24:], 32, 2, seed=0,
+                           progress=False)
+    assert tailless["level_1_no_tail"] is None and "tail_tokens 0" in tailless["reasons"]["level_1_no_tail"]
+    assert tailless["level_1"]["nll_gists"] == pytest.approx(q["level_1_no_tail"]["nll_gists"], abs=1e-5)
     assert lens["history_tokens"] == 224 and 0 < lens["rows"] <= 2
     assert 0 <= lens["agreement"] <= 1 and 0 <= lens["top1"] <= 1 and lens["delta_nll"] is not None
     # a row with a pair to order for LensNet has one for the newest-first baseline too: never missing here
     assert 0 <= lens["recency_agreement"] <= 1
     assert run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False) == q  # deterministic
     none = run_quality(Models(gpt, None, None, models.tok, cfg), tiny_docs[-24:], 32, 2, seed=0, progress=False)
-    assert none["level_1"] is None and none["lens"] is None and set(none["reasons"]) == {"level_1", "level_2", "lens"}
+    assert none["level_1"] is None and none["lens"] is None and set(none["reasons"]) == {
+        "level_1", "level_2", "level_1_no_tail", "level_2_no_tail", "lens"}
     base = {"config": {}, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None}}
     assert validate_result({**base, "quality": q}) and validate_result({**base, "quality": none})
 
@@ -526,6 +545,7 @@ def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
     with open(os.path.join(tiny_base_env, "report", "megacontext-evaluation.md")) as f:
         md = f.read()
     assert "### Gist quality and LensNet agreement" in md and "| 1 | 224 |" in md and "LensNet pair agreement" in md
+    assert "| 1, no raw tail | 224 |" in md and "| 2, no raw tail | 1056 |" in md
     # --quick lowers only the counts left unset: explicit flags win even when they equal the full defaults
     res = _run(tmp_path / "q.json", ["--tasks", "quality", "--no-report", "--quick", "--multiples", "1,4,16,64,256",
                                      "--docs", "50"])
@@ -570,6 +590,18 @@ def test_quality_shape_and_report_rows():
             validate_result({**base, "quality": bad})
     md = quality_markdown(q, {"doc_target": 64, "sequence_len": 1024})
     assert "| 1 | 960 | 3.0000 | 3.2000 | 3.4000 | 4.0000 | 0.500 (90 % CI 0.250 to 0.750) | pass |" in md
+    assert "no raw tail" not in md  # JSON from before the no-tail entries: no rows, no note
+    q0 = {**q, "level_1_no_tail": {**lvl, "nll_dropped": 4.0, "substitutability": 0.8}, "level_2_no_tail": None,
+          "reasons": {**q["reasons"], "level_2_no_tail": "max_level 1"}}
+    assert validate_result({**base, "quality": q0})
+    with pytest.raises(ValueError, match="documented shape"):
+        validate_result({**base, "quality": {**q0, "level_1_no_tail": {**lvl, "lm_guard": "yes"}}})
+    md0 = quality_markdown(q0, {"doc_target": 64, "sequence_len": 1024})
+    assert "| 1, no raw tail | 960 | 3.0000 | 3.2000 | 4.0000 | 4.0000 | 0.800 | pass |" in md0
+    assert "level 2, no raw tail: not measured (max_level 1)" in md0 and "against no history at all" in md0
+    from megacontext.eval_report import headline
+    assert headline({**base, "quality": q0}) == {"mc gist substitutability L1": 0.5,
+                                                 "mc gist substitutability L1 no tail": 0.8, "mc lens pair agreement": 0.8}
     assert "| 2 | - |" in md and "level 2: not measured (max_level 1)" in md
     assert "**0.800** (90 % CI 0.700 to 0.900) (target >= 0.75, random 0.5, newest gist first 0.625); top-1 0.500" in md
     old = {**q, "lens": {k: v for k, v in q["lens"].items() if k != "recency_agreement"}}  # JSON from before it
