@@ -24,6 +24,7 @@ expansion is scored by delta_nll), so LensNet learns coarse scores.
 
 The retrieval recipe (needle rows whose answer blocks are known) is in megacontext/retrieval.py.
 """
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -451,16 +452,25 @@ def lens_pair_agreement(objective, x, y, s, rng):
     training's mc/lens_agreement: tanh(z) rounds to -1 in float32 once z < ~ -9, and a LensNet trained to
     reject every entry but a needle's ties there, which pair_agreement counts as chance. `recency` is the
     same agreement for the baseline that ranks the newest gist first (no LensNet): what a LensNet adds is
-    its agreement beyond that, not beyond 0.5."""
+    its agreement beyond that, not beyond 0.5. `split_half` orders the deltas measured on the target's
+    second half by those measured on its first half (same candidates): how far the ordering is a property
+    of the history at all. Near 0.5, which expansion helps depends on the very tokens being predicted, and
+    no scorer that cannot see them (LensNet cannot) orders the full-target deltas much better."""
     rng = _as_rng(rng)
     readers = objective.readers(x, s)
+    state = copy.deepcopy(rng)  # the halves' calls draw the same candidates as the full one
     bases, delta, legal, _ = objective.counterfactuals(x, y, s, readers, rng, base="pyramid")
+    mid = s + (y.size(1) - s) // 2
+    first, second = y.clone(), y.clone()
+    first[:, mid:], second[:, s:mid] = -1, -1  # labels -1 are not scored
+    halves = [objective.counterfactuals(x, h, s, readers, copy.deepcopy(state), base="pyramid")[1]
+              for h in (first, second)]
     scores, _ = objective.lensnet.score(bases, readers, objective.wte, logits=True)
     best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
     newest_first = torch.arange(delta.size(1), dtype=torch.float32).expand_as(delta)  # WC entries are in time order
     return {"agreement": pair_agreement(scores, delta, legal), "top1": _top1(scores, delta, legal),
             "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan"),
-            "recency": pair_agreement(newest_first, delta, legal)}
+            "recency": pair_agreement(newest_first, delta, legal), "split_half": pair_agreement(*halves, legal)}
 
 
 __all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "packed_nll",

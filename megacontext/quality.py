@@ -13,7 +13,9 @@ task read.
 - the LM guard: gists must beat no history at every level;
 - LensNet pair agreement and top-1 against counterfactual delta_nll, beside the agreement of ranking the
   newest gist first (a GPT that reads its far context gains most from the nearest block: LensNet earns
-  its keep only above that baseline);
+  its keep only above that baseline), and the deltas' split-half agreement (the first half of the
+  target's deltas ordering the second half's: near 0.5, the ordering is noise that no target-blind scorer
+  can predict);
 - 90 % bootstrap intervals over rows for the substitutability and the agreement: on a toy GPT the gap
   (dropped - raw) is a few hundredths of a nat, and 64 rows moved the ratio by 0.08 against 256.
 """
@@ -204,6 +206,7 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
 
             out[key] = {"history_tokens": s, "rows": len(rows), "agreement": avg("agreement"), "top1": avg("top1"),
                         "delta_nll": avg("delta_nll"), "recency_agreement": avg("recency"),
+                        "split_half_agreement": avg("split_half"),
                         "agreement_ci": bootstrap_ci([[r["agreement"] for r in rows]], lambda a: a, seed)}
             if out[key]["agreement"] is None:
                 reasons[key] = "no row has two candidates with different counterfactual delta_nll"
@@ -235,7 +238,8 @@ def quality_lines(q):
     lines.append(f"quality   lens: null ({q['reasons'].get('lens', '')})" if r is None else
                  f"quality   lens s={r['history_tokens']} rows={r['rows']}: pair agreement {f(r['agreement'], '.3f')}"
                  f"{_ci(r, 'agreement_ci')} "
-                 f"(newest-first baseline {f(r.get('recency_agreement'), '.3f')}) "
+                 f"(newest-first baseline {f(r.get('recency_agreement'), '.3f')}, "
+                 f"split-half {f(r.get('split_half_agreement'), '.3f')}) "
                  f"top1 {f(r['top1'], '.3f')} best delta_nll {f(r['delta_nll'])} nats/row")
     return lines
 
@@ -264,7 +268,7 @@ def quality_problems(q, number_or_null):
         for k in flags:
             if not (r.get(k) is None or isinstance(r.get(k), bool)):
                 out.append(f"quality[{name}][{k}] = {r.get(k)!r} is not a bool or null")
-        for k in ("agreement", "top1", "recency_agreement"):  # recency_agreement: optional (older JSON lacks it)
+        for k in ("agreement", "top1", "recency_agreement", "split_half_agreement"):  # the last two: optional
             if (k in keys or k in r) and r.get(k) is not None and number_or_null(r[k]) and not 0 <= r[k] <= 1:
                 out.append(f"quality[{name}][{k}] = {r[k]!r} is not in [0, 1]")
         ci = r.get("agreement_ci" if name == "lens" else "substitutability_ci")  # optional: older JSON lacks it
@@ -308,9 +312,10 @@ def quality_markdown(q, c):
     else:
         ag = "-" if lens["agreement"] is None else f"{lens['agreement']:.3f}"
         t1 = "-" if lens["top1"] is None else f"{lens['top1']:.3f}"
-        rec = lens.get("recency_agreement")
+        rec, half = lens.get("recency_agreement"), lens.get("split_half_agreement")
         line = (f"LensNet pair agreement with counterfactual delta_nll: **{ag}**{_ci(lens, 'agreement_ci')} (target >= "
-                f"0.75, random 0.5" + ("" if rec is None else f", newest gist first {rec:.3f}") + "); "
+                f"0.75, random 0.5" + ("" if rec is None else f", newest gist first {rec:.3f}")
+                + ("" if half is None else f", the deltas' split-half agreement {half:.3f}") + "); "
                 f"top-1 {t1} ({lens['rows']} rows, {lens['history_tokens']}-token histories)"
                 + (f"; {reasons['lens']}." if lens["agreement"] is None and "lens" in reasons else "."))
     n = max([r["rows"] for r in (q.get("level_1"), q.get("level_2")) if r] or [0])

@@ -38,7 +38,8 @@ with Q = null or {"history_tokens", "target_tokens", "rows", "nll_raw", "nll_gis
 "lm_guard": bool, "raw_fits_context": bool} and L = null or {"history_tokens", "rows", "agreement",
 "top1", "delta_nll" (the best single expansion's NLL drop, nats summed over the target, as the
 objective's mc/delta_nll), "agreement_ci", "recency_agreement" (the agreement of ranking the newest gist
-first)} (numbers may be null). Same checkpoint + flags -> same
+first), "split_half_agreement" (the target's first half's deltas ordering its second half's: how far
+the ordering can be predicted at all)} (numbers may be null). Same checkpoint + flags -> same
 numbers.
 
 A checkpoint without GistNet/LensNet weights is an error; --baselines-only runs the methods that need

@@ -523,7 +523,7 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
     assert lens["history_tokens"] == 224 and 0 < lens["rows"] <= 2
     assert 0 <= lens["agreement"] <= 1 and 0 <= lens["top1"] <= 1 and lens["delta_nll"] is not None
     # a row with a pair to order for LensNet has one for the newest-first baseline too: never missing here
-    assert 0 <= lens["recency_agreement"] <= 1
+    assert 0 <= lens["recency_agreement"] <= 1 and 0 <= lens["split_half_agreement"] <= 1
     assert run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False) == q  # deterministic
     none = run_quality(Models(gpt, None, None, models.tok, cfg), tiny_docs[-24:], 32, 2, seed=0, progress=False)
     assert none["level_1"] is None and none["lens"] is None and set(none["reasons"]) == {
@@ -577,7 +577,8 @@ def test_quality_shape_and_report_rows():
            "nll_dropped": 3.4, "nll_none": 4.0, "substitutability": 0.5, "lm_guard": True, "raw_fits_context": True}
     q = {"level_1": {**lvl, "substitutability_ci": [0.25, 0.75]}, "level_2": None,
          "lens": {"history_tokens": 960, "rows": 4, "agreement": 0.8, "top1": 0.5, "delta_nll": 1.25,
-                  "agreement_ci": [0.7, 0.9], "recency_agreement": 0.625}, "reasons": {"level_2": "max_level 1"}}
+                  "agreement_ci": [0.7, 0.9], "recency_agreement": 0.625, "split_half_agreement": 0.55},
+         "reasons": {"level_2": "max_level 1"}}
     base = {"config": {}, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None}}
     assert validate_result({**base, "quality": q})
     for bad in ({**q, "lens": {**q["lens"], "agreement": 1.5}}, {**q, "level_1": {**lvl, "lm_guard": "yes"}},
@@ -585,7 +586,8 @@ def test_quality_shape_and_report_rows():
                 {**q, "level_2": 3.0}, {**q, "level_1": {k: v for k, v in lvl.items() if k != "rows"}}, [],
                 {**q, "level_1": {**lvl, "substitutability_ci": [0.75, 0.25]}},
                 {**q, "lens": {**q["lens"], "agreement_ci": 0.8}},
-                {**q, "lens": {**q["lens"], "recency_agreement": 2.0}}):
+                {**q, "lens": {**q["lens"], "recency_agreement": 2.0}},
+                {**q, "lens": {**q["lens"], "split_half_agreement": -0.1}}):
         with pytest.raises(ValueError, match="documented shape"):
             validate_result({**base, "quality": bad})
     md = quality_markdown(q, {"doc_target": 64, "sequence_len": 1024})
@@ -603,8 +605,9 @@ def test_quality_shape_and_report_rows():
     assert headline({**base, "quality": q0}) == {"mc gist substitutability L1": 0.5,
                                                  "mc gist substitutability L1 no tail": 0.8, "mc lens pair agreement": 0.8}
     assert "| 2 | - |" in md and "level 2: not measured (max_level 1)" in md
-    assert "**0.800** (90 % CI 0.700 to 0.900) (target >= 0.75, random 0.5, newest gist first 0.625); top-1 0.500" in md
-    old = {**q, "lens": {k: v for k, v in q["lens"].items() if k != "recency_agreement"}}  # JSON from before it
+    assert ("**0.800** (90 % CI 0.700 to 0.900) (target >= 0.75, random 0.5, newest gist first 0.625, the deltas' "
+            "split-half agreement 0.550); top-1 0.500") in md
+    old = {**q, "lens": {k: v for k, v in q["lens"].items() if k not in ("recency_agreement", "split_half_agreement")}}
     assert validate_result({**base, "quality": old}) and "(target >= 0.75, random 0.5); top-1" in quality_markdown(
         old, {"doc_target": 64, "sequence_len": 1024})
     md = quality_markdown({**q, "level_1": {**lvl, "raw_fits_context": False, "lm_guard": False}},

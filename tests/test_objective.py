@@ -224,7 +224,7 @@ def test_eval_helpers_run_and_are_consistent():
         gap = out["nll_dropped"] - out["nll_raw"]
         assert out["substitutability"] == pytest.approx((out["nll_dropped"] - out["nll_gists"]) / gap)
     lp = lens_pair_agreement(obj, x, y, 128, 0)
-    assert set(lp) == {"agreement", "top1", "delta_nll", "recency"}
+    assert set(lp) == {"agreement", "top1", "delta_nll", "recency", "split_half"}
     # the ordering is LensNet's, not tanh's rounding: a bias that saturates every score changes nothing.
     # A fresh GPT (zero output projections) ignores its context, so every delta ties: perturb it first
     with torch.no_grad():
@@ -260,6 +260,42 @@ def test_recency_baseline_ranks_the_newest_gist_first(monkeypatch):
         assert lens_pair_agreement(obj, x, y, 128, 0)["recency"] == want
     monkeypatch.setattr(obj, "counterfactuals", stub(0.0))
     assert math.isnan(lens_pair_agreement(obj, x, y, 128, 0)["recency"])  # all tied: no pair to order
+
+
+def test_split_half_orders_the_second_half_deltas_by_the_first_halfs(monkeypatch):
+    """lens_pair_agreement's `split_half` scores each half of the target alone (the other half's labels
+    -1) and orders the second half's deltas by the first half's: the same order reads 1, the reverse 0.
+    With LensNet's candidates subsampled (lens_cands), all three calls draw the same candidates."""
+    obj, cfg = make(lens_cands=2)
+    x, y = batch(B=1, T=160)
+    s = 128
+    real, calls = obj.counterfactuals, []
+
+    def record(x_, y_, *a, **k):
+        out = real(x_, y_, *a, **k)
+        calls.append(out[2].clone())
+        return out
+    monkeypatch.setattr(obj, "counterfactuals", record)
+    lens_pair_agreement(obj, x, y, s, np.random.default_rng(3))
+    from megacontext.quality import lens_candidates
+    assert lens_candidates(s, cfg) == 7 and len(calls) == 3 and int(calls[0].sum()) == 2  # 2 drawn of 7
+    assert all(torch.equal(c, calls[0]) for c in calls)
+
+    def stub(sign):
+        def counterfactuals(x_, y_, *a, **k):
+            bases, delta, legal, base_nll = real(x_, y_, *a, **k)
+            legal = torch.zeros_like(legal)
+            legal[0, :3] = True
+            first_only, second_only = bool((y_[0, s + 16:] == -1).all()), bool((y_[0, s:s + 16] == -1).all())
+            assert not (first_only and second_only) and (y_[0, s:] != -1).any()
+            d = torch.tensor([1.0, 2.0, 3.0]) * (sign if second_only else 1.0)
+            delta = torch.zeros_like(delta)
+            delta[0, :3] = d
+            return bases, delta, legal, base_nll
+        return counterfactuals
+    for sign, want in ((1.0, 1.0), (-1.0, 0.0)):
+        monkeypatch.setattr(obj, "counterfactuals", stub(sign))
+        assert lens_pair_agreement(obj, x, y, s, 0)["split_half"] == want
 
 
 def test_telemetry_window_timer_and_format():
