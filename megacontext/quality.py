@@ -180,8 +180,9 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
                                                             substitutability_ratio, seed) if gap > 1e-6 else None,
                         "lm_guard": bool(nll["gists"] < nll["none"]), "raw_fits_context": s + target <= seq_len}
             if out[key]["substitutability"] is None:
-                reasons[key] = (f"the raw history does not lower the target NLL below {'no history' if no_tail else 'the raw tail'}"
-                               "'s (NLL raw >= dropped): substitutability is undefined")
+                floor = "no history" if no_tail else "the raw tail"
+                reasons[key] = (f"the raw history does not lower the target NLL below {floor}'s (NLL raw >= "
+                               "dropped): substitutability is undefined")
         key, s = "lens", hist["lens"]
         ws = cut(key, s) if s is not None and lensnet is not None else []
         if lensnet is None:

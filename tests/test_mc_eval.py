@@ -607,7 +607,8 @@ def test_quality_shape_and_report_rows():
     assert "| 2 | - |" in md and "level 2: not measured (max_level 1)" in md
     assert ("**0.800** (90 % CI 0.700 to 0.900) (target >= 0.75, random 0.5, newest gist first 0.625, the deltas' "
             "split-half agreement 0.550); top-1 0.500") in md
-    old = {**q, "lens": {k: v for k, v in q["lens"].items() if k not in ("recency_agreement", "split_half_agreement")}}
+    old = {**q, "lens": {k: v for k, v in q["lens"].items()  # JSON from before these two
+                         if k not in ("recency_agreement", "split_half_agreement")}}
     assert validate_result({**base, "quality": old}) and "(target >= 0.75, random 0.5); top-1" in quality_markdown(
         old, {"doc_target": 64, "sequence_len": 1024})
     md = quality_markdown({**q, "level_1": {**lvl, "raw_fits_context": False, "lm_guard": False}},
