@@ -458,13 +458,12 @@ def lens_pair_agreement(objective, x, y, s, rng):
     no scorer that cannot see them (LensNet cannot) orders the full-target deltas much better."""
     rng = _as_rng(rng)
     readers = objective.readers(x, s)
-    state = copy.deepcopy(rng)  # the halves' calls draw the same candidates as the full one
+    twins = [copy.deepcopy(rng) for _ in range(2)]  # the halves' calls draw the same candidates as the full one
     bases, delta, legal, _ = objective.counterfactuals(x, y, s, readers, rng, base="pyramid")
     mid = s + (y.size(1) - s) // 2
     first, second = y.clone(), y.clone()
     first[:, mid:], second[:, s:mid] = -1, -1  # labels -1 are not scored
-    halves = [objective.counterfactuals(x, h, s, readers, copy.deepcopy(state), base="pyramid")[1]
-              for h in (first, second)]
+    halves = [objective.counterfactuals(x, h, s, readers, r, base="pyramid")[1] for h, r in zip((first, second), twins)]
     scores, _ = objective.lensnet.score(bases, readers, objective.wte, logits=True)
     best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
     newest_first = torch.arange(delta.size(1), dtype=torch.float32).expand_as(delta)  # WC entries are in time order
