@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megacontext.checkpoint import MCTrainer, build_mc_modules, resolve_mc_config  # noqa: E402
+from megacontext.checkpoint import build_mc_modules  # noqa: E402
+from megacontext.training.trainer import MCTrainer, resolve_mc_config  # noqa: E402
 from megacontext.config import add_mc_args  # noqa: E402
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, run_main  # noqa: E402
 from nanochat.gpt import GPT, config_from_depth  # noqa: E402

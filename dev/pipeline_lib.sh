@@ -149,7 +149,7 @@ setup_env() {
     # the defaults: budget 512, K=32); mid_train and chat_sft load them from the previous stage and
     # take the MCConfig from its checkpoint, mid_train also mixing the long-context tasks in.
     # MC_EXTRA_FLAGS (a bash array a run script may set) adds e.g. --mc-budget=1024 to base_train.
-    # Measured on one H100 at depth 20, T=2048, V=65536 (dev/bench_train.py, dev/LOG.md 2026-11-22 session 9):
+    # Measured on one H100 at depth 20, T=2048, V=65536 (dev/bench_train.py, dev/LOG.md, 2026-11-22, 'the first CUDA runs'):
     # the MCConfig defaults (4 variants, a counterfactual for every gist, every row) ran out of its 80 GB at
     # 8 rows per micro-step; 2 variants, 4 counterfactuals and the objective on 2 of 8 rows peaked at 53 GB
     # and cost ~4.7x a plain step (the rest of the rows train plain LM). Hence 8 rows per micro-step under
@@ -199,10 +199,9 @@ pipeline_main() {
   launch scripts.chat_sft --run="$WANDB_RUN" "${SFT_ARGS[@]}" "${MC_FLAGS[@]}"
   launch scripts.chat_eval --source=sft "${CHAT_EVAL_ARGS[@]}"
 
-  # MegaContext evaluation and benchmark (their scripts come with the MegaContext issues; each is
-  # part of the plan as soon as its file exists)
-  if [ -f scripts/mc_eval.py ]; then run python -m scripts.mc_eval --source=sft; fi
-  if [ -f scripts/mc_bench.py ]; then run python -m scripts.mc_bench; fi
+  note "MegaContext evaluation and benchmark"
+  run python -m scripts.mc_eval --source=sft
+  run python -m scripts.mc_bench
 
   note "report card"
   run python -m nanochat.report generate

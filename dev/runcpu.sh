@@ -3,7 +3,7 @@
 # -> evals -> MegaContext benchmark -> report, ending with one chat reply.
 #
 #   bash dev/runcpu.sh                    # stages everything in ~/.cache/nanochat
-#   NANOCHAT_BASE_DIR=/tmp/nc bash dev/runcpu.sh
+#   NANOCHAT_BASE_DIR=$HOME/nc-toy bash dev/runcpu.sh   # stages them elsewhere
 #
 # Sizes are chosen to finish in well under 45 minutes on 2 cores; override with the env knobs below.
 set -euo pipefail
@@ -19,17 +19,17 @@ MID_STEPS=${MID_STEPS:-$([ "$MC" = 1 ] && echo 1500 || echo 100)}
 SFT_STEPS=${SFT_STEPS:-40}
 # share of midtraining batches that replay pretraining text (mid_train --text-share). Off: 0.2 (with
 # MID_STEPS=1700) kept the GPT's validation-text NLL at 4.83 nats/token instead of 6.28, but multi-key at
-# 1x fell from 87 to 63 % and the gists stopped helping on prose at all (dev/LOG.md, session 7)
+# 1x fell from 87 to 63 % and the gists stopped helping on prose at all (dev/LOG.md, 2026-11-22, 'midtraining unlearns prose')
 TEXT_SHARE=${TEXT_SHARE:-0}
 RUN=${WANDB_RUN:-dummy}
 # MegaContext is on by default (MC=0 trains a plain model). A toy budget: 224 working-context slots
-# (at 192 a 64x needle across two level-2 regions did not fit; dev/LOG.md, session 12), 32 raw tail
+# (at 192 a 64x needle across two level-2 regions did not fit; dev/LOG.md, 2026-11-23, 'budget 224 with neighbour-only focus'), 32 raw tail
 # tokens, training histories under 96 slots (--mc-train-hist-budget, as at 192: pretraining reads only
 # that), and 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
 # head. Pretraining runs the MC objective on every row of 3 batches in 4, with 4 counterfactual
 # expansions per row and the gists' bag-of-words loss: together they make the gists carry what the GPT
 # uses (level-1 substitutability 0.68 instead of 0.42; base val bpb 1.97 instead of 1.88, and ~8 min
-# instead of 3; dev/LOG.md, session 7). Midtraining (MC on 4 rows of every other chat
+# instead of 3; dev/LOG.md, 2026-11-22, 'midtraining unlearns prose'). Midtraining (MC on 4 rows of every other chat
 # or text batch, as pretraining did before) starts with the copy
 # warm-up (random-token span copies until the GPT copies) and then spends 80 % of its batches on
 # needle tasks (multi-key twice as often as pass keys and key-value recall: the reranker learns from the
@@ -73,7 +73,7 @@ python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" -
 python -m scripts.chat_eval -i sft -a offline -x 20 -m 48
 step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
-  # 256 stretches: the gist substitutability's 90 % interval over 64 rows was 0.20-0.67 (dev/LOG.md, session 6)
+  # 256 stretches: the gist substitutability's 90 % interval over 64 rows was 0.20-0.67 (dev/LOG.md, 2026-11-22, 'the eval's depths fix each needle's alignment')
   python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20 --needle-trials 10 --docs 256 --doc-tokens 1088
 else
   python -m scripts.mc_eval --source sft --quick --baselines-only

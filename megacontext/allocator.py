@@ -1,6 +1,6 @@
 """
-The focus allocator (DESIGN.md section 7): turns LensNet's signed scores into a few legal edits of
-the working context.
+The focus allocator: turns LensNet's signed scores into a few legal edits of the working context
+(docs/architecture.md). It is the pure last step of the focus policy (megacontext/focus.py).
 
 - expand (L, i): the gist (L, i) becomes its K children (a level-1 gist becomes raw block i);
 - collapse (L, p): the K aligned level-(L-1) siblings of node (L, p), or for L = 1 the full raw
@@ -12,14 +12,16 @@ One pass (`plan_edits`, pure):
 1. if the WC is over budget (tokens were appended), forced collapses of the lowest-scored, then
    oldest, legal groups until the cost fits; groups still in cooldown only when nothing else is
    left (the budget wins over the cooldown), and not capped by max_edits (the budget must hold).
-   A group scored above PINNED (beyond LensNet's tanh range: runtime.keep_scores lifts the blocks
-   focus opened for a question there) folds only after every other, in cooldown or not.
+   `pins` (raw blocks, most wanted first: the blocks focus opened for a question) fold only after
+   every other group, in cooldown or not, the least wanted pin first.
    A pass that had to collapse stops there.
 2. otherwise up to max_edits voluntary edits, strongest |score| first: expand a gist whose score
    > tau, collapse a sibling group whose mean score < -tau; an expansion must fit the budget, paid
    for if need be by collapses chosen in the same pass (collapses are listed first, so no
    intermediate state exceeds the budget); each entry takes part in at most one edit per pass; an
-   edit that would undo one of the last `cooldown` passes is skipped.
+   edit that would undo one of the last `cooldown` passes is skipped. A pinned block is never
+   collapsed voluntarily, and where `expandable` (a mask over the entries) is given, only the gists
+   it marks may expand.
 Chained passes (rescoring in between) let a level-2 gist reach raw tokens: L2 -> L1 -> L0.
 """
 from dataclasses import dataclass
@@ -45,8 +47,6 @@ class CooldownState:
 
 
 REVERSES = {"expand": "collapse", "collapse": "expand"}
-
-PINNED = 1.0  # LensNet scores lie in (-1, 1): a score above this is a caller's pin, not LensNet's
 
 
 def _node_keys(levels, indices):
@@ -138,10 +138,26 @@ def _as_scores(wc, scores):
     return scores
 
 
-def plan_edits(wc, scores, budget, cooldown_state, cfg):
-    """The pure core: (wc, scores, budget, cooldown state) -> list[Edit] (see the module docstring)."""
+def _pin_ranks(g, pins):
+    """Each collapse group's rank in `pins` (0 = most wanted), -1 where the group is not a pinned raw block."""
+    rank = np.full(len(g["pos"]), -1, np.int64)
+    if len(pins):
+        pins = np.asarray(pins, dtype=np.int64)
+        at = {int(b): r for r, b in enumerate(pins.tolist())}
+        for j in np.flatnonzero(g["n"] == 1):  # a one-entry group is a full raw block (level-1 parent)
+            rank[j] = at.get(int(g["index"][j]), -1)
+    return rank
+
+
+def plan_edits(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None):
+    """The pure core: (wc, scores, budget, cooldown state, pins, expandable) -> list[Edit] (see the module
+    docstring). pins: raw block indices, most wanted first; expandable: None or a bool mask over the entries."""
     K, tau = cfg.block_size, cfg.tau
     scores = _as_scores(wc, scores)
+    if expandable is not None:
+        expandable = np.asarray(expandable, dtype=bool)
+        if expandable.shape != (len(wc),):
+            raise ValueError(f"expandable must mark each of the {len(wc)} entries, got shape {expandable.shape}")
     state = cooldown_state or CooldownState()
     check_budget_fits(wc.num_tokens, budget, cfg)
     cost = wc_cost(wc, K)
@@ -155,9 +171,10 @@ def plan_edits(wc, scores, budget, cooldown_state, cfg):
                 raise WCError(f"no legal collapse left with cost {cost} > budget {budget}")
             late = blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown)
             need = -(-(cost - budget) // (K - 1))
-            pinned = g["score"] > PINNED
-            # unpinned first, then not in cooldown, lowest, oldest
-            pick = np.lexsort((g["start"], g["score"], late, pinned))[:need]
+            rank = _pin_ranks(g, pins)
+            pinned = rank >= 0
+            # unpinned first, then not in cooldown, then the lowest score (a pin: the least wanted), oldest
+            pick = np.lexsort((g["start"], np.where(pinned, -rank, g["score"]), late, pinned))[:need]
             picks = [(int(g["pos"][j]), int(g["n"][j]), "collapse", int(g["level"][j]), int(g["index"][j]))
                      for j in pick]
             edits += [Edit("collapse", p[3], p[4]) for p in picks]
@@ -166,10 +183,11 @@ def plan_edits(wc, scores, budget, cooldown_state, cfg):
         return edits
     # 2. voluntary edits, strongest first
     lv, ix = wc.levels, wc.indices
-    ex = np.flatnonzero((lv >= 1) & (scores > tau))
+    ex = np.flatnonzero((lv >= 1) & (scores > tau) & (True if expandable is None else expandable))
     ex = ex[~blocked_nodes(state, "expand", lv[ex], ix[ex], cfg.cooldown)]
     g = collapse_groups(wc, cfg, scores)
-    ok = (g["score"] < -tau) & ~blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown)
+    ok = ((g["score"] < -tau) & (_pin_ranks(g, pins) < 0)
+          & ~blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown))
     co = np.flatnonzero(ok)
     is_col = np.concatenate([np.zeros(len(ex), bool), np.ones(len(co), bool)])
     strength = np.concatenate([scores[ex], -g["score"][co]])
@@ -254,9 +272,14 @@ def apply_edits(wc, edits, cfg, budget=None):
     return wc
 
 
-def refocus(wc, scores, budget, cooldown_state, cfg):
+def expand(wc, j, cfg):
+    """The WC with its entry j (a gist) expanded into its children."""
+    return apply_edits(wc, [Edit("expand", int(wc.levels[j]), int(wc.indices[j]))], cfg)
+
+
+def refocus(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None):
     """One allocator pass: (edits, new_wc, new_cooldown_state)."""
     state = cooldown_state or CooldownState()
-    edits = plan_edits(wc, scores, budget, state, cfg)
+    edits = plan_edits(wc, scores, budget, state, cfg, pins, expandable)
     new_wc = apply_edits(wc, edits, cfg, budget)
     return edits, new_wc, next_cooldown_state(state, edits, cfg.cooldown)

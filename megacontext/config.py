@@ -6,6 +6,9 @@ MCConfig: every MegaContext knob, defined once. Scripts expose each field as a `
 from dataclasses import dataclass, asdict, fields
 
 
+RETIRED = {"gist_shared"}  # fields older checkpoints still store; nothing reads them
+
+
 @dataclass
 class MCConfig:
     # --- tree ---
@@ -24,7 +27,6 @@ class MCConfig:
     gist_layers: int = 2
     gist_heads: int = 0           # 0: same as the GPT's head count
     gist_pool: str = "mean"       # "mean" or "attn" (learned-query attention pooling)
-    gist_shared: bool = True      # one GistNet for every level (a level embedding tells them apart)
     # --- LensNet ---
     lens_dim: int = 128           # LensNet's own width
     lens_layers: int = 2
@@ -32,11 +34,11 @@ class MCConfig:
     # --- reranker (second stage of focus: reads the raw tokens of LensNet's shortlist with the question) ---
     # rerank_k: level-1 gists LensNet shortlists for the reranker, and per level-2 region when focus looks
     # inside regions (0: LensNet alone). 8, not 4: a multi-key history holds ~12 salient blocks that LensNet
-    # cannot tell apart (dev/LOG.md, session 5)
+    # cannot tell apart (dev/LOG.md, 2026-11-22, 'focus that reads inside regions')
     rerank_k: int = 8
     rerank_dim: int = 64          # its width (heads of 32)
     rerank_layers: int = 2
-    # --- end-to-end training objective (objective.py) ---
+    # --- end-to-end training objective (megacontext/training/objective.py) ---
     train_hist_budget: int = 0    # B_h: cost of a history's WC in training; 0: max(budget // 2, tail + K)
     train_min_target: int = 64    # shortest target segment [s, T) after the block-aligned split s
     train_variants: str = "pyramid,random,lens,truncate"  # WC variants of the history, one forward each
@@ -108,6 +110,7 @@ class MCConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k not in RETIRED}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown MegaContext config fields: {sorted(unknown)}")

@@ -1,5 +1,5 @@
 """
-A KV cache for the GPT slots of a working context, with temporal invalidation (DESIGN.md section 9).
+A KV cache for the GPT slots of a working context, with temporal invalidation (docs/architecture.md).
 
 The cache remembers which slot each of its K/V rows belongs to, as an integer key per slot:
 a raw token at absolute position t, or a gist node (L, i). Keys never change meaning (the tree is

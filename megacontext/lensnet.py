@@ -1,12 +1,13 @@
 """
-LensNet (DESIGN.md section 7): a small non-causal encoder over the working-context entries that
+LensNet (docs/architecture.md): a small non-causal encoder over the working-context entries that
 gives each entry a signed score in (-1, 1): > +tau asks for more detail (expand), < -tau for less.
 
 Input per entry: its embedding (the mean token embedding of a raw block, the row of a gist, in the
 GPT's embedding space), projected to LensNet's own width, plus a type embedding (raw block, gist
 level 1..max_level, or raw tail = "the present"), with slot positions through RoPE. The encoder is
-`nanochat.gpt.Block` with causal=False, so every entry sees the present (a causal scorer could not:
-trap 6). Score_i = tanh(<k(h_i), q(pool)> / sqrt(d) + b), pool = mean of the encoded raw-tail entries.
+`nanochat.gpt.Block` with causal=False, so every entry sees the present (a causal scorer could not: older
+entries would be scored without the question). Score_i = tanh(<k(h_i), q(pool)> / sqrt(d) + b), pool = mean
+of the encoded raw-tail entries.
 Nothing is detached: gradients reach the entry embeddings, so LensNet's loss trains GistNet.
 """
 import math

@@ -1,5 +1,5 @@
 """
-Position data for the GPT slots of a working context (DESIGN.md section 6). Two schemes:
+Position data for the GPT slots of a working context (docs/architecture.md). Two schemes:
 
 - `slot` (default): position = slot index 0..T-1. Positions never exceed W_max, so a model trained
   on windows of W_max works at any history length; an all-raw WC gets exactly standard RoPE.

@@ -1,12 +1,12 @@
 """
-Reranker: the second stage of focus (DESIGN.md sections 7-8, prototype v3). LensNet reads one gist
-per block and shortlists the `rerank_k` level-1 gists it scores highest; the reranker reads each
-shortlisted block's raw tokens together with the question and picks the one to expand.
+Reranker: the second stage of focus (megacontext/focus.py). LensNet reads one gist per block and
+shortlists the `rerank_k` level-1 gists it scores highest; the reranker reads each shortlisted block's
+raw tokens together with the question and picks the one to expand.
 
 Why two stages: a gist scored against the pooled present cannot bind "which colour was asked" to "which
-block holds that colour" (v3: LensNet alone found the asked key 23 % of the time, all needles equally
-salient), while a small cross-encoder over [question | raw block] learned it in about two CPU-minutes
-(v3: 100 %). LensNet keeps the cheap part, salience over the whole memory; the reranker pays k short
+block holds that colour" (in an early CPU prototype LensNet alone found the asked key 23 % of the time, all
+needles being equally salient), while a small cross-encoder over [question | raw block] learned it in about
+two CPU-minutes (100 %). LensNet keeps the cheap part, salience over the whole memory; the reranker pays k short
 forwards per refocus.
 
 One candidate is the token sequence [question (Q tokens) | margin | block (K tokens) | margin],
@@ -21,15 +21,14 @@ linear read of the mean encoding.
 
 Why exact-match flags (as DrQA's reader and lexical rerankers use): the binding "the block says red key where
 the question says red key" is a comparison of token identities across the two segments. Learned from the
-embeddings alone it sat at chance over whole midtraining runs (dev/LOG.md, session 3): the decoys share the
-asked colour, the other needles share "key is", and only the bigram through both tells them apart.
+embeddings alone it sat at chance over whole midtraining runs (dev/LOG.md, 2026-11-22, 'two-stage focus'):
+the decoys share the asked colour, the other needles share "key is", and only the bigram through both tells
+them apart; with the flags it learned the binding (2026-11-22, 'exact-match flags for the reranker').
 """
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanochat.gpt import Block, GPTConfig, init_transformer_weights, norm, rope_cos_sin
 from megacontext.working_context import entry_spans
@@ -125,38 +124,3 @@ def candidate_ids(reader, wc, entries, question, cfg):
         q = question.to(win.device)
         rows.append(torch.cat([q, win.new_full((max(0, -a),), PAD), win, win.new_full((max(0, b - n),), PAD)]))
     return torch.stack(rows)
-
-
-def shortlist(scores, wc, k, legal=None):
-    """The entries of LensNet's top-k level-1 gists (best first); `legal` masks entries that may not expand."""
-    ok = wc.levels == 1 if legal is None else (wc.levels == 1) & legal
-    l1 = np.flatnonzero(ok)
-    return l1[np.argsort(-np.asarray(scores, dtype=np.float64)[l1], kind="stable")][:k]
-
-
-@torch.no_grad()
-def rerank_scores(scores, wc, reader, reranker, wte, cfg):
-    """
-    LensNet's scores for wc with its top-k level-1 shortlist reordered by the reranker: the shortlist keeps
-    LensNet's set of score values, handed out in the reranker's order (its pick gets the shortlist's best
-    score). The allocator's thresholds and every other entry are untouched, so whatever reads the scores
-    (focus, the runtime allocator) expands the reranker's pick where it would have expanded LensNet's.
-    scores: (W,) numpy or tensor; returns a float64 numpy copy. The question is the newest Q tokens.
-    """
-    out = np.array(scores.float().cpu().numpy() if torch.is_tensor(scores) else scores, dtype=np.float64)
-    short = shortlist(out, wc, cfg.rerank_k)
-    if reranker is None or cfg.rerank_k < 2 or len(short) < 2:
-        return out
-    n = wc.num_tokens
-    question = reader.tokens(max(0, n - question_len(cfg)), n)
-    if question.numel() < question_len(cfg):  # a history shorter than the question (tiny budgets)
-        return out
-    logits = reranker(candidate_ids(reader, wc, short, question, cfg), wte)
-    order = short[torch.argsort(logits.float().cpu(), descending=True, stable=True).numpy()]
-    out[order] = out[short]  # short is sorted best first: the reranker's i-th choice gets LensNet's i-th score
-    return out
-
-
-def rerank_loss(logits, target):
-    """Listwise CE over one shortlist: logits (C,), target = the index of the block that holds the answer."""
-    return F.cross_entropy(logits[None], torch.tensor([target], device=logits.device))

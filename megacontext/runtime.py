@@ -1,130 +1,42 @@
 """
-MCSession: the MegaContext runtime (DESIGN.md sections 9 and 12). Everything the model reads or
-writes goes into an append-only tree (RAM, or on disk with `memory_dir`); the GPT reads a working
-context (WC) of at most `budget` slots over the whole history, refocused by LensNet + the allocator.
+MCSession: a persistent memory with a working context (docs/architecture.md). Everything the model
+reads or writes goes into an append-only tree (RAM, or on disk with `memory_dir`); the GPT reads a
+working context (WC) of at most `budget` slots over the whole history.
 
     s = MCSession.load(source="sft", memory_dir="~/mem")   # or MCSession(gpt, gistnet, lensnet, tok, cfg)
     s.ingest_text(book)                                    # any length: the tree keeps everything
     for piece in s.chat("Who wrote the letter?"): print(piece, end="")
     s.save()                                               # later: MCSession.open("~/mem")
 
-Cadence: tokens are appended a block at a time; after every K tokens (and whenever appended tokens
-push the WC over budget) a refocus runs: LensNet scores -> allocator edits, up to `passes` chained
-passes so a level-2 gist can reach raw tokens. A chunk longer than the budget is appended to the tree
-in one batched call. After every ingest (a document, a question, a chat turn) the WC is rebuilt by
-`focus`: two-stage focus from the start tiling (retrieval.lens_focus, the procedure mc_eval measures),
-so the GPT answers a new message with the blocks that message asks about open. The allocator's
-incremental edits then keep the WC in budget while the reply is generated; the raw blocks focus opened
-are the last it collapses, the latest opened first (focus opens best first). Without that, the reply's
-first token pushed a full WC over budget and the allocator folded the block holding the answer
-(passkey at 4x through the runtime: 87 % vs 100 % for the same WC read without appending; dev/LOG.md,
-session 6). It opens only blocks next to those (`keep_scores`). (With the allocator alone, a
-pass key 4-64x the budget behind the question was raw 0-10 % of the time: from a recency pyramid there
-was no room to open it; dev/LOG.md, session 4.) The GPT only
-runs on a WC within budget, through a WCKVCache (kvcache.py) that recomputes only from the first
-edited slot, so per-token decode cost does not grow with the history.
+What the WC holds is decided by the focus policy (megacontext/focus.py): after every ingest (a document,
+a question, a chat turn) `question_focus` rebuilds it for the present, and while tokens are appended (the
+reply) `incremental_refocus` keeps it within budget, after every K tokens or whenever the WC goes over,
+with the blocks the question focus opened pinned. The GPT only runs on a WC within budget, through a
+WCKVCache (kvcache.py) that recomputes only from the first edited slot, so per-token decode cost does not
+grow with the history.
 
-On disk, memory_dir holds `tree/` (MCTree files) and `session.json` (WC entries, cooldown state,
-counters, MCConfig, the fingerprints of GPT/GistNet/LensNet, and where the model came from).
+Collaborators: loading a checkpoint (megacontext/checkpoint.py), persistence (megacontext/memory_store.py),
+the chat format, sampling, stop tokens and stream decoding (nanochat/tokenizer.py, nanochat/engine.py).
 """
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 
-import numpy as np
 import torch
 
-from nanochat.common import UserError
-from megacontext.allocator import PINNED, CooldownState, refocus as allocator_refocus
-from megacontext.config import MCConfig
+from nanochat.engine import sample_next_token
+from nanochat.tokenizer import chat_stop_ids, decode_stream
+from megacontext.allocator import CooldownState
+from megacontext.focus import incremental_refocus, question_focus
 from megacontext.kvcache import WCKVCache
+from megacontext.memory_store import (SESSION_FILE, Saved, SessionError, module_fingerprint, read_saved, read_state,
+                                      write_state)
 from megacontext.tree import MCTree, validate_ids
-from megacontext.reranker import rerank_scores
-from megacontext.retrieval import covers_any, lens_focus
-from megacontext.working_context import (WCError, WorkingContext, all_raw, append_tokens, check_invariants,
-                                         recency_pyramid, wc_cost)
+from megacontext.working_context import all_raw, append_tokens, recency_pyramid, wc_cost
 
 logger = logging.getLogger("nanochat")
 
-SESSION_FILE = "session.json"
-SESSION_VERSION = 1
-
-
-class SessionError(UserError, ValueError):
-    """A bad input to a session, or a memory directory that cannot be used."""
-
-
-def module_fingerprint(module):
-    """A short, dtype/device independent hash of a module's weights (a strided sample of each tensor)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().reshape(-1)
-        sample = t[::max(1, t.numel() // 4096)].float().cpu().contiguous()
-        h.update(f"{name}:{tuple(module.state_dict()[name].shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _atomic_write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _stop_ids(tokenizer):
-    if tokenizer is None:
-        return set()
-    stops = {tokenizer.get_bos_token_id()}
-    try:
-        stops.add(tokenizer.encode_special("<|assistant_end|>"))
-    except (ValueError, KeyError):
-        pass
-    return stops
-
-
-def sample_token(logits, temperature, top_k, rng):
-    """logits (V,) -> int. temperature 0 is greedy."""
-    if temperature == 0.0:
-        return int(torch.argmax(logits))
-    if top_k:
-        vals, idx = torch.topk(logits, min(top_k, logits.numel()))
-        return int(idx[torch.multinomial(torch.softmax(vals / temperature, -1), 1, generator=rng)])
-    return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng))
-
-
-def keep_scores(scores, wc, kept, cfg):
-    """
-    The allocator's scores while a reply is generated after a focus that opened the raw blocks `kept` (best
-    first):
-    - those blocks are lifted above every LensNet score (in (-1, 1)) and above allocator.PINNED:
-      PINNED + 1 - r / len(kept) for rank r, so a forced collapse folds them after every other group
-      (cooldown or not), the latest-kept first, and no voluntary collapse (score < -tau) picks them;
-    - a gist is held at tau at most (so never expanded) unless expanding it opens or leads towards a kept
-      block (one a forced collapse folded) or a block next to one: focus's own rule
-      (`retrieval.leads_next_to`), carried through the reply. LensNet scores every labelled key alike, and
-      a refocus during the answer spent the room focus left on another key's block (multi-key at 16x
-      through the runtime: 28 of 30 right, 29 with the rule; dev/LOG.md, session 13).
-    Negative scores are untouched: the allocator still folds what LensNet wants least.
-    """
-    if not kept:
-        return scores
-    scores = np.array(scores, dtype=np.float64, copy=True)
-    rank = {b: r for r, b in enumerate(kept)}
-    near = [n for b in kept for n in (b - 1, b, b + 1)]
-    for j in range(len(wc)):
-        level, index = int(wc.levels[j]), int(wc.indices[j])
-        if level == 0:
-            r = rank.get(index)
-            if r is not None:
-                scores[j] = PINNED + 1.0 - r / len(kept)
-        elif not covers_any(level, index, near, cfg.block_size):
-            scores[j] = min(scores[j], cfg.tau)
-    return scores
+__all__ = ["MCSession", "SessionError", "SESSION_FILE"]
 
 
 class MCSession:
@@ -178,27 +90,16 @@ class MCSession:
     @classmethod
     def load(cls, source="sft", model_tag=None, step=None, device=None, budget=None, memory_dir=None, **kw):
         """Build a session from a checkpoint that holds GPT, GistNet and LensNet weights and an MCConfig."""
-        from nanochat.common import autodetect_device_type
-        from nanochat.checkpoint_manager import checkpoint_dir_for, load_model
-        from megacontext.checkpoint import load_mc_modules
-        device = torch.device(device or autodetect_device_type())
-        gpt, tokenizer, meta = load_model(source, device, "eval", model_tag=model_tag, step=step)
-        ckdir = checkpoint_dir_for(source, model_tag)
-        step = meta.get("step", step) if step is None else step
-        nets = load_mc_modules(gpt, meta["model_data"], meta, f"checkpoint {ckdir} (step {step})", device=device)
-        gistnet, lensnet = nets["gistnet"], nets["lensnet"]
-        cfg = MCConfig.from_dict(meta["mc_config"])
-        gpt = gpt.float() if device.type != "cuda" else gpt
-        info = {"source": source, "model_tag": os.path.basename(ckdir), "step": step}
-        return cls(gpt, gistnet, lensnet, tokenizer, cfg, memory_dir=memory_dir, device=device, budget=budget,
-                   source_info=info, reranker=nets["reranker"], **kw)
+        from megacontext.checkpoint import load_mc_checkpoint
+        m = load_mc_checkpoint(source, model_tag, step, device)
+        return cls(m.gpt, m.gistnet, m.lensnet, m.tokenizer, m.cfg, memory_dir=memory_dir, device=m.gpt.get_device(),
+                   budget=budget, source_info=m.source_info, reranker=m.reranker, **kw)
 
     @classmethod
     def open(cls, memory_dir, source=None, model_tag=None, step=None, device=None, budget=None, **kw):
         """Reopen a saved memory with the checkpoint it recorded (or the one named here)."""
         memory_dir = os.path.abspath(os.path.expanduser(memory_dir))
-        state = cls._read_state(memory_dir)
-        rec = state.get("source") or {}
+        rec = read_state(memory_dir).get("source") or {}
         if source is None and not rec.get("source"):
             raise SessionError(f"{memory_dir} was made from models given directly, not a checkpoint: "
                                f"pass source= (or build the nets and use MCSession(..., memory_dir=...))")
@@ -209,63 +110,19 @@ class MCSession:
     def _tree_dir(self):
         return os.path.join(self.memory_dir, "tree")
 
-    @staticmethod
-    def _read_state(memory_dir):
-        path = os.path.join(memory_dir, SESSION_FILE)
-        if not os.path.isfile(path):
-            raise SessionError(f"{memory_dir}: no {SESSION_FILE}, not a saved MegaContext memory")
-        try:
-            with open(path, encoding="utf-8") as f:
-                state = json.load(f)
-            if not isinstance(state, dict) or state.get("version") != SESSION_VERSION:
-                raise ValueError(f"unknown version {state.get('version') if isinstance(state, dict) else state!r}")
-            for key in ("identity", "mc_config", "wc", "cooldown", "refocus_count", "since_refocus"):
-                if key not in state:
-                    raise ValueError(f"missing {key!r}")
-        except (OSError, ValueError) as e:
-            raise SessionError(f"{path} is corrupted ({e}); the memory cannot be restored") from None
-        return state
-
     def _restore(self, wte):
         d = self.memory_dir
-        state = self._read_state(d)
-        ident = state["identity"]
-        for net in ("gpt", "gistnet"):
-            if ident.get(net) != self.identity[net]:
-                raise SessionError(f"memory {d} was made by a different model ({net} {ident.get(net)}, the current "
-                                   f"{net} is {self.identity[net]}): open it with the checkpoint that made it, "
-                                   f"or start a new memory")
-        if ident.get("lensnet") != self.identity["lensnet"]:
-            logger.warning(f"memory {d} was focused by another LensNet; continuing with the current one")
-        try:
-            known = {f.name for f in dataclasses.fields(MCConfig)}  # tolerate knobs added or removed since
-            scfg = MCConfig.from_dict({k: v for k, v in state["mc_config"].items() if k in known})
-            wc = WorkingContext(np.array(state["wc"]["levels"], np.int64), np.array(state["wc"]["indices"], np.int64),
-                                int(state["wc"]["num_tokens"]))
-            cd = state["cooldown"]
-            cooldown = CooldownState(int(cd["pass_idx"]), tuple((str(o), int(l), int(i), int(p))
-                                                                 for o, l, i, p in cd["history"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SessionError(f"{d}/{SESSION_FILE} is corrupted ({e})") from None
-        for f in ("block_size", "max_level", "storage_dtype", "positions"):
-            if getattr(scfg, f) != getattr(self.cfg, f):
-                raise SessionError(f"memory {d} was made with {f}={getattr(scfg, f)!r}, the model's config "
-                                   f"has {getattr(self.cfg, f)!r}")
+        saved = read_saved(d, self.identity, self.cfg)
         self.tree = MCTree.open(self._tree_dir(), self.gistnet, wte, model_id=self.identity["gpt"], cfg=self.cfg)
         if self.tree.stale:
             raise SessionError(f"memory {d}: the tree's gists are stale ({self.tree.stale_reason})")
-        N = self.tree.num_tokens
+        N, wc = self.tree.num_tokens, saved.wc
         if wc.num_tokens > N:
-            raise SessionError(f"memory {d} is corrupted: session.json covers {wc.num_tokens} tokens, "
+            raise SessionError(f"memory {d} is corrupted: {SESSION_FILE} covers {wc.num_tokens} tokens, "
                                f"the tree holds {N}")
-        try:
-            check_invariants(wc, self.cfg)
-        except WCError as e:
-            raise SessionError(f"memory {d} is corrupted: {e}") from None
-        self.wc, self.cooldown = wc, cooldown
-        self.refocus_count, self.since_refocus = int(state["refocus_count"]), int(state["since_refocus"])
-        self.edit_count = int(state.get("edit_count", 0))
-        self.kept = [int(b) for b in state.get("kept", [])]  # older memories lack it: nothing kept
+        self.wc, self.cooldown, self.kept = wc, saved.cooldown, saved.kept
+        self.refocus_count, self.since_refocus, self.edit_count = (saved.refocus_count, saved.since_refocus,
+                                                                   saved.edit_count)
         if N > wc.num_tokens:  # tokens committed after the last save (e.g. a crash): catch the WC up
             logger.warning(f"memory {d}: {N - wc.num_tokens} tokens were appended after the last save; "
                            f"catching the working context up")
@@ -326,13 +183,12 @@ class MCSession:
 
     @torch.no_grad()
     def focus(self):
-        """Rebuild the WC with two-stage focus over the whole history (retrieval.lens_focus: from the start
-        tiling, LensNet's best gist expanded one at a time, the reranker choosing among the blocks LensNet
-        shortlists in the WC and inside its best level-2 regions). The newest tokens (the question) are the
-        present it scores against."""
+        """Rebuild the WC for the present (focus.question_focus over the whole history): the newest tokens (the
+        question) are what LensNet and the reranker score against. The blocks it opens become the pins the
+        allocator keeps while the reply is written."""
         trace = []
-        self.wc = lens_focus(self.tree.num_tokens, self.cfg.budget, self.cfg, self.lensnet, self.tree,
-                             self.gpt.transformer.wte, self.reranker, trace=trace)
+        self.wc = question_focus(self.tree.num_tokens, self.cfg.budget, self.cfg, self.lensnet, self.tree,
+                                 self.gpt.transformer.wte, self.reranker, trace=trace)
         self.kept = [i for level, i in trace if level == 1]  # level-1 gists expanded: the blocks opened raw
         self.cooldown = CooldownState()  # a new WC: no fresh edit of the old one to protect
         self.refocus_count += 1
@@ -346,20 +202,13 @@ class MCSession:
 
     @torch.no_grad()
     def refocus(self):
-        """LensNet scores (the reranker reordering its level-1 shortlist) -> allocator edits, up to `passes`
-        chained passes. Returns the edits made."""
-        edits = []
+        """Incremental focus (focus.incremental_refocus: LensNet + reranker + allocator, up to `passes` chained
+        passes, the kept blocks pinned). Returns the edits made."""
         if self.tree.num_tokens == 0:
-            return edits
-        wte = self.gpt.transformer.wte
-        for _ in range(self.passes):
-            scores, _ = self.lensnet.score([self.wc], self.tree, wte)
-            scores = keep_scores(rerank_scores(scores[0], self.wc, self.tree, self.reranker, wte, self.cfg),
-                                 self.wc, self.kept, self.cfg)
-            e, self.wc, self.cooldown = allocator_refocus(self.wc, scores, self.cfg.budget, self.cooldown, self.cfg)
-            edits += e
-            if not e:
-                break
+            return []
+        edits, self.wc, self.cooldown = incremental_refocus(self.wc, self.tree, self.lensnet, self.reranker,
+                                                            self.gpt.transformer.wte, self.cfg, self.cooldown,
+                                                            self.kept, self.passes)
         self.refocus_count += 1
         self.edit_count += len(edits)
         self.since_refocus = 0
@@ -387,12 +236,12 @@ class MCSession:
             raise SessionError("max_tokens and temperature must be >= 0")
         if self.tree.num_tokens == 0:
             raise SessionError("the memory is empty: ingest a prompt first")
-        stops = _stop_ids(self.tokenizer) if stop else set()
+        stops = chat_stop_ids(self.tokenizer) if stop else set()
         rng = torch.Generator(device=self.device)
         rng.manual_seed(seed)
         for _ in range(max_tokens):
             self.kv.sync(self.wc, self.tree)
-            t = sample_token(self.kv.last_logits, temperature, top_k, rng)
+            t = int(sample_next_token(self.kv.last_logits[None], rng, temperature, top_k))
             self.tree.append([t])
             self._after_append(1)
             yield t
@@ -400,21 +249,10 @@ class MCSession:
                 return
 
     def _decode_text(self, id_stream):
-        """Turn a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
+        """Turn a stream of ids into text pieces (up to a stop token, incomplete UTF-8 held back)."""
         if self.tokenizer is None:
             raise SessionError("this session has no tokenizer: use generate_ids")
-        ids, sent, stops = [], "", _stop_ids(self.tokenizer)
-        for t in id_stream:
-            if t in stops:
-                continue
-            ids.append(t)
-            text = self.tokenizer.decode(ids)
-            if not text.endswith("\ufffd") and len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-        text = self.tokenizer.decode(ids)
-        if len(text) > len(sent):
-            yield text[len(sent):]
+        yield from decode_stream(self.tokenizer, id_stream, chat_stop_ids(self.tokenizer))
 
     def stream(self, prompt, max_tokens=64, temperature=0.0, top_k=None, seed=42):
         """Append `prompt` (text or ids, any length) to the memory, then yield the continuation's text."""
@@ -438,9 +276,7 @@ class MCSession:
         tok = self.tokenizer
         if tok is None:
             raise SessionError("chat needs a tokenizer")
-        ids = [tok.get_bos_token_id()] if self.tree.num_tokens == 0 else []
-        return ids + [tok.encode_special(f"<|{role}_start|>")] + tok.encode(content) + \
-            [tok.encode_special(f"<|{role}_end|>")]
+        return ([tok.get_bos_token_id()] if self.tree.num_tokens == 0 else []) + tok.render_turn(role, content)
 
     def add_turn(self, role, content):
         """Render a finished chat message (e.g. a transcript being replayed) into the memory."""
@@ -500,21 +336,13 @@ class MCSession:
                 "refocus_count": self.refocus_count, "wc_entries": len(self.wc), "edit_count": self.edit_count,
                 "tree_counts": self.tree.level_counts()}
 
-    def _state(self):
-        return {"version": SESSION_VERSION, "identity": self.identity, "source": self.source_info,
-                "mc_config": self.cfg.to_dict(),
-                "wc": {"levels": self.wc.levels.tolist(), "indices": self.wc.indices.tolist(),
-                       "num_tokens": self.wc.num_tokens},
-                "cooldown": {"pass_idx": self.cooldown.pass_idx, "history": [list(h) for h in self.cooldown.history]},
-                "refocus_count": self.refocus_count, "since_refocus": self.since_refocus,
-                "edit_count": self.edit_count, "kept": list(self.kept)}
-
     def save(self):
         """Flush the tree and write session.json (atomically), so MCSession.open continues from here."""
         if self.memory_dir is None:
             raise SessionError("this session has no memory_dir: create it with memory_dir=DIR to save it")
         self.tree.flush()
-        _atomic_write_json(os.path.join(self.memory_dir, SESSION_FILE), self._state())
+        write_state(self.memory_dir, self.identity, self.source_info, self.cfg,
+                    Saved(self.wc, self.cooldown, self.refocus_count, self.since_refocus, self.edit_count, self.kept))
 
     def close(self):
         self.tree.close()

@@ -170,6 +170,16 @@ def all_raw(num_tokens, cfg):
     return WorkingContext(np.zeros(nb, np.int64), np.arange(nb, dtype=np.int64), num_tokens)
 
 
+def coarsest_wc(num_tokens, cfg, max_level=None):
+    """The cheapest legal WC: the coarsest aligned tiling (levels <= max_level) + the raw tail."""
+    K = cfg.block_size
+    ts = tail_start(num_tokens, cfg)
+    lv, ix = coarsest_tiling(ts, max_level or cfg.max_level, K)
+    nb = -(-num_tokens // K)
+    return WorkingContext(np.concatenate([lv, np.zeros(nb - ts // K, np.int64)]),
+                          np.concatenate([ix, np.arange(ts // K, nb, dtype=np.int64)]), num_tokens)
+
+
 def recency_pyramid(num_tokens, budget, cfg):
     """
     The initial WC for any history length: the raw tail, the coarsest aligned tiling of everything

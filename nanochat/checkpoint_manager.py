@@ -26,7 +26,9 @@ SOURCE_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scr
                    "sft": "python -m scripts.chat_sft"}
 
 
-def _atomic_write(path, write_fn):
+def atomic_write(path, write_fn):
+    """write_fn(tmp) writes the file under a temporary name, then it is renamed to `path`: a crash never leaves
+    a half-written file under the real name."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write_fn(tmp)
@@ -37,14 +39,14 @@ def _atomic_write(path, write_fn):
 
 
 def _torch_save(obj, path):
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_meta(checkpoint_dir, step, meta_data):
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(meta_data, f, indent=2)
-    _atomic_write(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), write)
+    atomic_write(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), write)
 
 
 def _clean_state_dict(sd):

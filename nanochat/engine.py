@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx, compute_dtype
+from nanochat.tokenizer import chat_stop_ids
 
 
 @torch.inference_mode()
@@ -31,18 +32,6 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         return idx.gather(1, choice)
     probs = F.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=rng)
-
-
-def _stop_tokens(tokenizer):
-    """Token ids that end a sample: <|assistant_end|> and <|bos|> (when the tokenizer has them)."""
-    if tokenizer is None:
-        return set()
-    stops = {tokenizer.get_bos_token_id()}
-    try:
-        stops.add(tokenizer.encode_special("<|assistant_end|>"))
-    except Exception:  # a tokenizer without chat special tokens: only <|bos|> stops
-        pass
-    return {s for s in stops if s is not None}
 
 
 class Engine:
@@ -64,7 +53,7 @@ class Engine:
         device = model.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
-        stops = _stop_tokens(self.tokenizer)
+        stops = chat_stop_ids(self.tokenizer)
         if max_tokens is None:
             max_tokens = model.config.sequence_len  # a sane cap; positions beyond it still work (RoPE)
         # 1) prefill the prompt once, at batch size 1
@@ -95,7 +84,7 @@ class Engine:
         Non-streaming: returns (results, masks), one list per sample holding the prompt plus the
         generated tokens, without the stop token.
         """
-        stops = _stop_tokens(self.tokenizer)
+        stops = chat_stop_ids(self.tokenizer)
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 # On Hopper, recent torch picks cuDNN's SDPA backend first. It was slow on MegaContext's many small, odd-shaped
 # forwards: at d20 on an H100 the --mc step took 948 ms with it and 516 ms without (GistNet 76 -> 12 ms,
-# LensNet 54 -> 7, focus 74 -> 12), the plain step unchanged (dev/LOG.md, session 11). Flash /
+# LensNet 54 -> 7, focus 74 -> 12), the plain step unchanged (dev/LOG.md, 2026-11-22, 'cuDNN attention was half the --mc step'). Flash /
 # memory-efficient attention take over; the flag does nothing on CPU or MPS.
 torch.backends.cuda.enable_cudnn_sdp(False)
 

@@ -201,6 +201,13 @@ class Tokenizer:
             add(sp("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
+    def render_turn(self, role, content):
+        """Ids of one finished text message: <|role_start|> text <|role_end|> (role user or assistant)."""
+        if role not in ("user", "assistant"):
+            raise ValueError(f"role must be 'user' or 'assistant', got {role!r}")
+        return [self.encode_special(f"<|{role}_start|>")] + self.encode(content) + \
+            [self.encode_special(f"<|{role}_end|>")]
+
     def render_for_completion(self, conversation):
         """Ids that prime the model to answer: drop a final assistant message, end with <|assistant_start|>."""
         messages = copy.deepcopy(conversation["messages"])
@@ -226,6 +233,59 @@ class Tokenizer:
 
 
 RustBPETokenizer = Tokenizer  # nanochat's name
+
+
+def chat_stop_ids(tokenizer):
+    """Token ids that end a reply: <|assistant_end|> and <|bos|> (only <|bos|> for a tokenizer without chat
+    special tokens; none without a tokenizer)."""
+    if tokenizer is None:
+        return set()
+    stops = {tokenizer.get_bos_token_id()}
+    try:
+        stops.add(tokenizer.encode_special("<|assistant_end|>"))
+    except (ValueError, KeyError):
+        pass
+    return {s for s in stops if s is not None}
+
+
+class StreamDecoder:
+    """
+    Incremental detokenizer: byte-level BPE can split one UTF-8 character over several tokens, so
+    decoding token by token would print garbage. Text is released only once it decodes cleanly
+    (no trailing replacement character); `flush` releases whatever is left at the end.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.emitted = 0  # characters of decode(ids) already released
+
+    def feed(self, token_id):
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete multi-byte character: wait for the next token
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+    def flush(self):
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def decode_stream(tokenizer, id_stream, stops=()):
+    """The text of a stream of token ids, piece by piece, up to the first token in `stops` (left out)."""
+    decoder = StreamDecoder(tokenizer)
+    for t in id_stream:
+        if t in stops:
+            break
+        piece = decoder.feed(t)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest
 
 
 def compute_token_bytes(tokenizer):

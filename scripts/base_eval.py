@@ -160,17 +160,13 @@ def _evaluate(args, ddp, rank, world_size, device):
             print(repr(samples[-1]))
 
     if rank == 0:
-        try:
-            from nanochat.report import get_report
-        except ImportError:  # the report module is optional for this stage
-            get_report = None
-        if get_report is not None:
-            get_report().log(section="Base model evaluation", data=[
-                {"model tag": args.model_tag or "(largest)", "checkpoint step": meta.get("step"),
-                 "bpb eval tokens": steps * B * T * world_size, "cloze items": args.cloze_items},
-                results,
-                "Samples (greedy):\n```\n" + "\n".join(repr(s) for s in samples) + "\n```",
-            ])
+        from nanochat.report import get_report
+        get_report().log(section="Base model evaluation", data=[
+            {"model tag": args.model_tag or "(largest)", "checkpoint step": meta.get("step"),
+             "bpb eval tokens": steps * B * T * world_size, "cloze items": args.cloze_items},
+            results,
+            "Samples (greedy):\n```\n" + "\n".join(repr(s) for s in samples) + "\n```",
+        ])
     return results
 
 

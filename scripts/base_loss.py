@@ -89,10 +89,7 @@ def _evaluate(args, world_size, device):
             samples.append(text)
             print0(repr(text))
 
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
+    from nanochat.report import get_report
     get_report().log(section="Base model loss", data=[
         {"model step": meta["step"], "train bpb": bpb["train"], "val bpb": bpb["val"], "unigram bpb": uni},
         "Samples:\n\n" + "\n".join(f"- {s!r}" for s in samples) if samples else "",

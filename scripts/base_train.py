@@ -11,8 +11,8 @@ from its last checkpoint (model, optimizers, data position, step), reproducing t
 exactly on CPU. The final checkpoint is written before the final evaluation, so a crash in the
 evaluation never loses the training.
 
-`--mc` trains with MegaContext (DESIGN.md section 8): GistNet and LensNet (widths from the GPT) join
-the run as AdamW groups, the loss is megacontext.objective.MCObjective's (its plain-LM share keeps
+`--mc` trains with MegaContext (docs/architecture.md): GistNet and LensNet (widths from the GPT) join
+the run as AdamW groups, the loss is megacontext.training.objective.MCObjective's (its plain-LM share keeps
 base quality), and checkpoints carry "gistnet", "lensnet" and meta["mc_config"]. The `--mc-*` flags
 set the MCConfig; the objective's metrics are averaged over each --log-every window.
 
@@ -37,7 +37,7 @@ from nanochat.checkpoint_manager import save_checkpoint, save_meta, load_checkpo
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
 from megacontext.config import add_mc_args
-from megacontext.telemetry import MetricWindow, for_wandb, format_metrics
+from megacontext.training.telemetry import MetricWindow, for_wandb, format_metrics
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -130,20 +130,11 @@ def peak_flops(device):
     return None
 
 
-def training_loss(model, x, y, step):
-    """
-    The loss of one micro-batch and extra scalars to log. This is the hook for MegaContext: the
-    --mc training (a later issue) adds its loss terms here (GistNet/LensNet are registered in
-    `extra_modules` in main(), which puts them in the optimizer, the grad sync and the checkpoints).
-    """
-    return model(x, y), {}
-
-
 def mc_report_rows(mc_cfg, mc_means, train_loss, val_bpb, tok_per_sec):
     """The MegaContext part of a stage's report section (empty without --mc)."""
     if mc_cfg is None:
         return []
-    from megacontext.checkpoint import mc_report
+    from megacontext.training.trainer import mc_report
     return [{"MegaContext": "on", "mc_config": mc_cfg.to_dict()},
             {"train/loss": train_loss, "val/bpb": val_bpb, "train/tok_per_sec": tok_per_sec, **mc_report(mc_means)}]
 
@@ -202,7 +193,8 @@ def _train(args, ddp, rank, world_size, device):
     # name -> nn.Module. They get AdamW groups, grad sync and a state dict in every checkpoint.
     extra_modules, mc_cfg, mc_trainer = {}, None, None
     if args.mc:
-        from megacontext.checkpoint import MCTrainer, build_mc_modules, resolve_mc_config
+        from megacontext.checkpoint import build_mc_modules
+        from megacontext.training.trainer import MCTrainer, resolve_mc_config
         mc_cfg = resolve_mc_config(args)
         if args.max_seq_len < mc_cfg.block_size + mc_cfg.train_min_target:
             raise UserError(f"--mc needs --max-seq-len >= block_size + train_min_target = "
@@ -352,7 +344,7 @@ def _train(args, ddp, rank, world_size, device):
                 if mc_trainer is not None:
                     loss, extra_logs = mc_trainer.loss(x, y, step, micro)
                 else:
-                    loss, extra_logs = training_loss(model, x, y, step)
+                    loss, extra_logs = model(x, y), {}
             mc_window.add(extra_logs)
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
@@ -408,18 +400,15 @@ def _train(args, ddp, rank, world_size, device):
 
     if ddp:
         # every rank must hold the same weights and agree on the loss: a cheap, visible check
-        from megacontext.checkpoint import param_checksum
+        from megacontext.training.trainer import param_checksum
         mc_sums = "".join(f" | {n} checksum: {param_checksum([m]):.10e}" for n, m in extra_modules.items())
         print_line(f"rank {rank}/{world_size} | final train loss: {train_loss_value} | "
                    f"param checksum: {param_checksum([orig_model]):.10e}{mc_sums}")
     if device_type == "cuda":
         print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024**2:.2f}MiB")
     print0(f"total training time: {total_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        get_report = None
-    if get_report is not None and master:
+    from nanochat.report import get_report
+    if master:
         get_report().log(section="Base model training", data=[
             user_config,
             {"Number of parameters": num_params, "Number of FLOPs per token": f"{flops_per_token:e}",

@@ -27,45 +27,17 @@ import threading
 
 from nanochat.common import UserError, autodetect_device_type, compute_init, run_main
 
-REPLACEMENT_CHAR = "\ufffd"
-
-
-class StreamDecoder:
-    """
-    Incremental detokenizer: byte-level BPE can split one UTF-8 character over several tokens, so
-    decoding token by token would print garbage. Text is released only once it decodes cleanly
-    (no trailing replacement character); `flush` releases whatever is left at the end.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
-        self.emitted = 0  # characters of decode(ids) already released
-
-    def feed(self, token_id):
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith(REPLACEMENT_CHAR):
-            return ""  # an incomplete multi-byte character: wait for the next token
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
-
-    def flush(self):
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
-
-
 class EngineChat:
     """A model + tokenizer that answers a conversation as a stream of text pieces."""
     persistent = False
 
     def __init__(self, model, tokenizer):
         from nanochat.engine import Engine
+        from nanochat.tokenizer import chat_stop_ids
         self.model = model
         self.tokenizer = tokenizer
         self.engine = Engine(model, tokenizer)
-        self.stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.stop_ids = chat_stop_ids(tokenizer)
 
     def prompt_ids(self, messages):
         """Token ids that prime the model to answer `messages` (the last one is the user's)."""
@@ -93,18 +65,10 @@ class EngineChat:
         if notice and on_notice is not None:
             on_notice(notice)
         seed = random.randint(0, 2**31 - 1) if seed is None else seed
-        decoder = StreamDecoder(self.tokenizer)
-        for column, _ in self.engine.generate(ids, num_samples=1, max_tokens=max_tokens,
-                                              temperature=temperature, top_k=top_k or None, seed=seed):
-            token = column[0]
-            if token in self.stop_ids:
-                break
-            piece = decoder.feed(token)
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
+        from nanochat.tokenizer import decode_stream
+        columns = self.engine.generate(ids, num_samples=1, max_tokens=max_tokens, temperature=temperature,
+                                       top_k=top_k or None, seed=seed)
+        yield from decode_stream(self.tokenizer, (column[0] for column, _ in columns), self.stop_ids)
 
     def close(self):
         pass
@@ -157,7 +121,7 @@ class MemoryChat:
         self.persistent = session.memory_dir is not None
         self.closed = False
         sp = tok.encode_special
-        self.user_start, self.user_end = sp("<|user_start|>"), sp("<|user_end|>")
+        self.user_start = sp("<|user_start|>")
         self.assistant_start, self.assistant_end = sp("<|assistant_start|>"), sp("<|assistant_end|>")
         self.turns = self._count_turns()
 
@@ -177,9 +141,7 @@ class MemoryChat:
         tok = self.tokenizer
         ids = [tok.get_bos_token_id()] if self.session.num_tokens == 0 else []
         for m in pending:
-            start, end = ((self.user_start, self.user_end) if m["role"] == "user"
-                          else (self.assistant_start, self.assistant_end))
-            ids += [start] + tok.encode(m["content"]) + [end]
+            ids += tok.render_turn(m["role"], m["content"])
         return ids + [self.assistant_start]
 
     def prompt_ids(self, messages):
@@ -248,16 +210,6 @@ def checkpoint_has_mc(source, model_tag=None, step=None):
         return False  # load_model reports what is missing, with its usual message
 
 
-def _recorded_source(memory_dir):
-    """The checkpoint source a saved memory recorded, or None (no memory there yet, or none recorded)."""
-    from megacontext.runtime import SESSION_FILE
-    try:
-        with open(os.path.join(memory_dir, SESSION_FILE), encoding="utf-8") as f:
-            return (json.load(f).get("source") or {}).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None  # MCSession reports a corrupted memory with its own message
-
-
 def load_chat(source="sft", model_tag=None, step=None, device_type=None, memory_dir=None):
     """
     Load a checkpoint (UserError if there is none) and wrap it for chatting: a MemoryChat when it has
@@ -266,13 +218,14 @@ def load_chat(source="sft", model_tag=None, step=None, device_type=None, memory_
     Returns (chat, meta) where meta is the checkpoint's meta (EngineChat) or the session's source info.
     """
     from nanochat.checkpoint_manager import load_model
+    from megacontext.memory_store import recorded_source
     from megacontext.runtime import MCSession
     _, _, _, _, device = compute_init(device_type or autodetect_device_type())
     if memory_dir is not None:
         memory_dir = os.path.abspath(os.path.expanduser(memory_dir))
         if os.path.exists(memory_dir) and not os.path.isdir(memory_dir):
             raise UserError(f"--memory {memory_dir} is a file, not a directory")
-        if source is None and _recorded_source(memory_dir):
+        if source is None and recorded_source(memory_dir):
             session = MCSession.open(memory_dir, model_tag=model_tag, step=step, device=device)
         else:
             session = MCSession.load(source or "sft", model_tag, step, device, memory_dir=memory_dir)

@@ -211,17 +211,13 @@ def main(argv=None):
             print0(f"{n.ljust(width)} | {100 * results[n]:7.2f}% | {100 * chance[n]:5.1f}%")
         print0(f"{'ChatCORE'.ljust(width)} | {chatcore:8.4f} |")
         if rank == 0:
-            try:
-                from nanochat.report import get_report
-            except ImportError:  # the report module is optional for this stage
-                get_report = None
-            if get_report is not None:
-                get_report().log(section=f"Chat evaluation {args.source}", data=[
-                    {"source": args.source, "model tag": args.model_tag or "(largest)", "checkpoint step": meta.get("step"),
-                     "max problems": args.max_problems, "samples per problem": args.num_samples,
-                     "temperature": args.temperature},
-                    {**results, "ChatCORE metric": chatcore},
-                ])
+            from nanochat.report import get_report
+            get_report().log(section=f"Chat evaluation {args.source}", data=[
+                {"source": args.source, "model tag": args.model_tag or "(largest)", "checkpoint step": meta.get("step"),
+                 "max problems": args.max_problems, "samples per problem": args.num_samples,
+                 "temperature": args.temperature},
+                {**results, "ChatCORE metric": chatcore},
+            ])
         return results
     finally:
         compute_cleanup()

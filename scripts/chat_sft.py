@@ -21,7 +21,7 @@ source checkpoint (MegaContext's GistNet/LensNet) are carried over.
 MegaContext (`--mc`): the source checkpoint must hold GistNet, LensNet and its mc_config (else a
 one-line error); the loss is MCObjective's on every micro-batch long enough for a history block and
 a target segment (shorter ones train the plain LM), and the MCConfig comes from the source
-(--mc-* flags may override only the training/focus knobs, see megacontext/checkpoint.py).
+(--mc-* flags may override only the training/focus knobs, see megacontext/training/trainer.py).
 """
 import argparse
 import math
@@ -38,7 +38,7 @@ from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_che
 from nanochat.optim import setup_optimizers, sync_grads
 from scripts.base_train import all_reduce_mean, mc_log_line, mc_report_rows
 from megacontext.config import add_mc_args
-from megacontext.telemetry import MetricWindow, for_wandb
+from megacontext.training.telemetry import MetricWindow, for_wandb
 from tasks.common import TaskMixture
 from tasks.arithmetic import Arithmetic
 from tasks.identity import Identity
@@ -153,14 +153,6 @@ def close_rows(x, y):
     return x2, y2
 
 
-def training_loss(model, x, y, step):
-    """
-    The loss of one micro-batch (mean over its assistant tokens) and extra scalars to log.
-    The hook for MegaContext: --mc SFT (a later issue) adds its terms here.
-    """
-    return model(x, y), {}
-
-
 def main(argv=None):
     args = get_args(argv)
     run_distributed(_train, args)
@@ -179,7 +171,7 @@ def _train(args, ddp, rank, world_size, device):
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
     mc_cfg, mc_trainer = None, None
     if args.mc:
-        from megacontext.checkpoint import mc_from_source
+        from megacontext.training.trainer import mc_from_source
         where = f"the {args.source} checkpoint {src_dir} (step {src_meta.get('step')})"
         mc_cfg, extra_modules, passthrough, mc_trainer = mc_from_source(args, orig_model, passthrough, src_meta,
                                                                         where, device, rank)
@@ -269,7 +261,7 @@ def _train(args, ddp, rank, world_size, device):
                 if mc_trainer is not None:
                     loss, extra_logs = mc_trainer.loss(*close_rows(x, y), step, micro)
                 else:
-                    loss, extra_logs = training_loss(model, x, y, step)
+                    loss, extra_logs = model(x, y), {}
             mc_window.add(extra_logs)
             tokens_seen += x.numel()
             loss_sum += loss.detach()
@@ -314,11 +306,8 @@ def _train(args, ddp, rank, world_size, device):
     save_checkpoint(checkpoint_dir, num_iterations, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
     print0(f"saved {checkpoint_dir} step {num_iterations} | val loss: {val_loss:.4f} | time: {total_time / 60:.2f}m")
 
-    try:
-        from nanochat.report import get_report
-    except ImportError:  # the report module is optional for this stage
-        get_report = None
-    if get_report is not None and master:
+    from nanochat.report import get_report
+    if master:
         get_report().log(section="Chat SFT", data=[
             user_config,
             {"Number of iterations": num_iterations, "Training conversations": len(train_task),

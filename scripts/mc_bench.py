@@ -1,5 +1,5 @@
 """
-MegaContext cost benchmark (DESIGN.md section 10): per-token decode time and resident memory at
+MegaContext cost benchmark (docs/architecture.md): per-token decode time and resident memory at
 growing history lengths with a fixed working-context budget, against plain full-KV decoding where
 it fits; ingest throughput; tree bytes per token on disk; refocus cost, incremental vs full recompute.
 
@@ -44,10 +44,11 @@ def random_session(args, device, memory_dir):
 
 
 def ingest_unheld(session, ids, progress=False):
-    """Ingest, then release the blocks focus kept. The bench asks no question, and with them held
-    (runtime.keep_scores) a random-init LensNet never refills the room focus left: a 1k history decoded
-    in a WC of ~200 of 512 slots against 484 at 1M, so t(1M)/t(1k) timed WC sizes, not history lengths
-    (1.19-1.30 instead of 1.02-1.07; dev/LOG.md, session 14)."""
+    """Ingest, then release the blocks focus kept. The bench asks no question, and with them held (the
+    neighbour-only rule of focus.incremental_refocus) a random-init LensNet never refills the room focus left:
+    a 1k history decoded in a WC of ~200 of 512 slots against 484 at 1M, so t(1M)/t(1k) timed WC sizes, not
+    history lengths (1.19-1.30 instead of 1.02-1.07; dev/LOG.md, 2026-11-23, 'what the far history offers on
+    prose is a unigram cache')."""
     session.ingest(ids, progress=progress)
     session.kept = []
 
@@ -206,7 +207,7 @@ def main(argv=None):
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()
-    from nanochat.plots import plot_decode_ms
+    from megacontext.eval.plots import plot_decode_ms
     png = plot_decode_ms(res, os.path.join(os.path.dirname(os.path.abspath(out)), "mc_bench_decode.png"))
     if not args.no_report:
         from nanochat.report import get_report

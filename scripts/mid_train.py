@@ -29,7 +29,7 @@ other nets stored in the base checkpoint (MegaContext's GistNet/LensNet) are car
 MegaContext (`--mc`): the base checkpoint must hold GistNet, LensNet and its mc_config (else a
 one-line error); they are trained on with MCObjective as the loss, and the MCConfig comes from the
 checkpoint (--mc-* flags may override only the training/focus knobs, see
-megacontext/checkpoint.py). A share `--mc-mix-share` of micro-batches are long-context rows from
+megacontext/training/trainer.py). A share `--mc-mix-share` of micro-batches are long-context rows from
 tasks/mc_mixture.py (passkey, multi-key needle, key-value recall, long chats; histories of
 `--mc-mix-multiples` x the budget), preceded for the first `--mc-mix-warmup` of the run by the copy
 warm-up, which takes every micro-batch (2-4 block contexts: random-token span copies and short pass keys).
@@ -52,7 +52,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import clip_grads, setup_optimizers, sync_grads
 from scripts.base_train import muon_momentum, all_reduce_mean, mc_log_line, mc_report_rows
 from megacontext.config import add_mc_args
-from megacontext.telemetry import MetricWindow, for_wandb
+from megacontext.training.telemetry import MetricWindow, for_wandb
 from tasks.common import TaskMixture
 from tasks.arithmetic import Arithmetic
 from tasks.identity import Identity
@@ -182,14 +182,6 @@ def packed_batches(task, tokenizer, B, T, rank=0, world_size=1, masked=False, de
         yield x.to(device), y.view(B, T).to(device), progress
 
 
-def training_loss(model, x, y, step):
-    """
-    The loss of one micro-batch and extra scalars to log. The hook for MegaContext: --mc
-    midtraining (a later issue) adds its terms here; its nets go in `extra_modules` in main().
-    """
-    return model(x, y), {}
-
-
 def lr_multiplier(progress):
     """Constant, then linear decay to 0 over the last 20% of the run (progress in [0, 1])."""
     return 1.0 if progress < 0.8 else max(0.0, 1.0 - (progress - 0.8) / 0.2)
@@ -215,7 +207,7 @@ def _train(args, ddp, rank, world_size, device):
     mc_cfg, mc_trainer, mix = None, None, None
     model = torch.compile(orig_model, dynamic=False) if device_type == "cuda" else orig_model
     if args.mc:
-        from megacontext.checkpoint import mc_from_source
+        from megacontext.training.trainer import mc_from_source
         from tasks.mc_mixture import MCMixture, load_filler, parse_list
         where = f"the base checkpoint {base_dir} (step {base_meta.get('step')})"
         mc_cfg, extra_modules, passthrough, mc_trainer = mc_from_source(args, orig_model, passthrough, base_meta,
@@ -316,7 +308,7 @@ def _train(args, ddp, rank, world_size, device):
                 text_rows += x.size(0)
                 with autocast:
                     loss, extra_logs = (mc_trainer.loss(x, y, step, micro) if mc_trainer is not None
-                                        else training_loss(model, x, y, step))
+                                        else (model(x, y), {}))
                 mc_window.add(extra_logs)
             elif mc_trainer is not None:
                 # chat or long-context is drawn without the rank (every rank takes the same branch); the
@@ -342,7 +334,7 @@ def _train(args, ddp, rank, world_size, device):
             else:
                 x, y, progress = next(train_loader)
                 with autocast:
-                    loss, extra_logs = training_loss(model, x, y, step)
+                    loss, extra_logs = model(x, y), {}
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
         if ddp:
@@ -388,7 +380,7 @@ def _train(args, ddp, rank, world_size, device):
     pbar.close()
     if ddp and mc_trainer is not None:
         # every rank must hold the same GPT + GistNet + LensNet weights: a cheap, visible check
-        from megacontext.checkpoint import param_checksum
+        from megacontext.training.trainer import param_checksum
         print_line(f"rank {rank}/{world_size} | mc final loss: {train_loss_value} | "
                    f"mc checksum: {param_checksum([orig_model, *extra_modules.values()]):.10e}")
 
@@ -404,11 +396,8 @@ def _train(args, ddp, rank, world_size, device):
     save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
     print0(f"saved {checkpoint_dir} step {step} | min val bpb: {min_val_bpb:.4f} | time: {total_time / 60:.2f}m")
 
-    try:
-        from nanochat.report import get_report
-    except ImportError:  # the report module is optional for this stage
-        get_report = None
-    if get_report is not None and master:
+    from nanochat.report import get_report
+    if master:
         get_report().log(section="Midtraining", data=[
             user_config,
             {"Number of iterations": step, "Mixture conversations": len(train_task), "DDP world size": world_size},

@@ -53,10 +53,7 @@ def main(argv=None):
     print(f"{'text':<10} {'bytes':>10} {'tokens':>10} {'bytes/token':>12}")
     for name, n_bytes, n_tokens, ratio in rows:
         print(f"{name:<10} {n_bytes:>10,} {n_tokens:>10,} {ratio:>12.3f}")
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
+    from nanochat.report import get_report
     get_report().log(section="Tokenizer evaluation", data=[
         {"vocab_size": tokenizer.get_vocab_size()},
         {f"bytes_per_token_{name}": round(ratio, 3) for name, _, _, ratio in rows}])

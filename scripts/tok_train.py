@@ -70,10 +70,7 @@ def main(argv=None):
              "token_bytes_max": int(ordinary.max()), "token_bytes_mean": round(ordinary.mean().item(), 3),
              "token_bytes_std": round(ordinary.std().item(), 3)}
     print(", ".join(f"{k}={v}" for k, v in stats.items()))
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return  # the report module is optional until it exists
+    from nanochat.report import get_report
     get_report().log(section="Tokenizer training", data=[vars(args), stats])
 
 

@@ -1,5 +1,5 @@
 """
-Synthetic long-context tasks (DESIGN.md sections 8 and 10): facts hidden in natural-text filler,
+Synthetic long-context tasks (docs/architecture.md): facts hidden in natural-text filler,
 asked about at the end. Every generator takes filler text, a tokenizer (anything with
 `encode(text) -> list[int]`) and a numpy Generator, and returns a `LongCtxExample`:
 
@@ -125,8 +125,7 @@ def passkey(filler, tokenizer, rng, n_tokens, depth=None, key=None, key_in_block
     """
     One 5-digit pass key at `depth` (fraction of the history, default random) in ~n_tokens of filler.
     key_in_block=K > 0 resamples the placement until the key's tokens lie inside one aligned K-token
-    block (the MegaContext experiments: one expanded block then holds the whole answer; the char-level
-    prototype placed its needle the same way).
+    block (one expanded block then holds the whole answer).
     """
     key = key or random_key(rng)
     needle = PASSKEY_NEEDLES[int(rng.integers(len(PASSKEY_NEEDLES)))].format(key=key)

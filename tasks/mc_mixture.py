@@ -1,5 +1,5 @@
 """
-The long-context part of --mc midtraining (DESIGN.md section 8): synthetic tasks rendered into
+The long-context part of --mc midtraining (docs/architecture.md): synthetic tasks rendered into
 MCBatch(x, y, s, blocks) for the MegaContext objective.
 
 Every row of a batch has a history of exactly s tokens (block-aligned, s = multiple x budget) and a
@@ -8,7 +8,7 @@ target segment [s, T) holding the question and its answer; labels (y) are only o
 labels all measure "did the history deliver the fact". Rows are right-padded with BOS (label -1).
 `blocks[r]` lists the history blocks (K-token, aligned) that hold row r's needle (the asked key's
 digits first, then the rest of its sentence), or is None where no single place holds it (chats, copy
-rows): the needle recipe (retrieval.needle_loss) opens these blocks and teaches LensNet to find them.
+rows): the needle recipe (megacontext/training/needle.py) opens these blocks and teaches LensNet to find them.
 
     mix = MCMixture(tokenizer, cfg, filler_text)
     b = mix.batch(B, rng)                 # a long-context batch, history = m x budget (fewer rows if m > 4)

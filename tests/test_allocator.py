@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from megacontext.allocator import (PINNED, CooldownState, Edit, apply_edits, collapse_groups, plan_edits, refocus)
+from megacontext.allocator import (CooldownState, Edit, apply_edits, collapse_groups, plan_edits, refocus)
 from megacontext.config import MCConfig
 from megacontext.working_context import (BudgetError, WCError, WorkingContext, append_tokens, check_invariants,
                                          entry_spans, recency_pyramid, tail_start, wc_cost)
@@ -153,8 +153,8 @@ def test_cooldown_blocks_reversal_for_cooldown_passes():
 
 
 def test_forced_collapse_folds_a_pinned_block_after_groups_in_cooldown():
-    """A block scored above PINNED (the runtime's kept blocks) outranks the cooldown: when the budget needs a
-    fold, a block opened in the last pass folds before the one focus opened for the question."""
+    """A pinned block (the runtime's kept blocks) outranks the cooldown: when the budget needs a fold, a block
+    opened in the last pass folds before the one focus opened for the question."""
     cfg = MCConfig(block_size=4, max_level=1, budget=40, tail_tokens=8, cooldown=2)
     levels = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0])  # blocks 2 and 5 raw; block 9 is the raw tail
     wc = WorkingContext(levels, np.arange(10), 40)
@@ -163,9 +163,37 @@ def test_forced_collapse_folds_a_pinned_block_after_groups_in_cooldown():
     state = CooldownState(1, (("expand", 1, 5, 0),))  # block 5 was opened in the last pass
     g = collapse_groups(grown, cfg, np.zeros(len(grown)))
     assert sorted(int(i) for i in g["index"]) == [2, 5]  # the only legal folds: the two raw blocks
-    for pin, folded in ((0.5, 2), (PINNED + 0.5, 5)):  # liked: the cooldown protects block 5; pinned: block 2 stays
-        scores = np.where((grown.levels == 0) & (grown.indices == 2), pin, 0.0)
-        assert plan_edits(grown, scores, budget, state, cfg) == [Edit("collapse", 1, folded)]
+    liked = np.where((grown.levels == 0) & (grown.indices == 2), 0.5, 0.0)
+    assert plan_edits(grown, liked, budget, state, cfg) == [Edit("collapse", 1, 2)]  # the cooldown protects 5
+    assert plan_edits(grown, liked, budget, state, cfg, pins=[2]) == [Edit("collapse", 1, 5)]  # pinned: 2 stays
+
+
+def test_pins_fold_last_the_least_wanted_first_and_never_voluntarily():
+    """Forced folds take every unpinned group first, then the pins from the last one (least wanted) back;
+    a pinned block is never a voluntary collapse, whatever its score."""
+    cfg = MCConfig(block_size=4, max_level=1, budget=40, tail_tokens=8, cooldown=0)
+    levels = np.array([0, 0, 0, 1, 0, 1, 1, 1, 1, 0])  # blocks 0, 1, 2, 4 raw; block 9 is the raw tail
+    wc = WorkingContext(levels, np.arange(10), 40)
+    grown = append_tokens(wc, 44, cfg)
+    scores = np.zeros(len(grown))
+    for need, folded in ((1, [4]), (2, [4, 1]), (3, [4, 1, 0]), (4, [4, 1, 0, 2])):
+        budget = wc_cost(grown, 4) - 3 * need
+        edits = plan_edits(grown, scores, budget, None, cfg, pins=[2, 0, 1])
+        assert sorted(e.index for e in edits) == sorted(folded), need
+    hated = np.where(grown.levels == 0, -0.9, 0.0)  # every raw block asks to fold
+    edits = plan_edits(grown, hated, 10 ** 6, None, cfg, pins=[2, 0, 1])
+    assert {e.index for e in edits if e.op == "collapse"} == {4}
+
+
+def test_expandable_mask_limits_voluntary_expansions():
+    cfg = MCConfig(block_size=4, max_level=1, budget=400, tail_tokens=8, max_edits=8)
+    wc = WorkingContext(np.array([1, 1, 1, 1, 0, 0]), np.arange(6), 24)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.0, 0.0])
+    assert {e.index for e in plan_edits(wc, scores, 400, None, cfg)} == {0, 1, 2, 3}
+    mask = np.array([False, True, False, True, False, False])
+    assert {e.index for e in plan_edits(wc, scores, 400, None, cfg, expandable=mask)} == {1, 3}
+    with pytest.raises(ValueError, match="expandable"):
+        plan_edits(wc, scores, 400, None, cfg, expandable=mask[:3])
 
 
 def test_forced_collapse_after_append_lowest_then_oldest():

@@ -11,7 +11,8 @@ import torch
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
-from scripts.chat_cli import EngineChat, StreamDecoder, interactive
+from nanochat.tokenizer import StreamDecoder
+from scripts.chat_cli import EngineChat, interactive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +182,7 @@ def test_interactive_clear_keeps_a_persistent_memory():
         persistent = True
 
         class session:
-            memory_dir = "/tmp/mem"
+            memory_dir = "/srv/mem"
 
         def stats(self):
             return {"num_tokens": 7}
@@ -189,6 +190,6 @@ def test_interactive_clear_keeps_a_persistent_memory():
     out = io.StringIO()
     messages = interactive(chat, {}, inp=io.StringIO("first\nclear\n/stats\nsecond\n"), out=out)
     text = out.getvalue()
-    assert "persistent memory" in text and "(conversation cleared)" not in text and "Memory: /tmp/mem" in text
+    assert "persistent memory" in text and "(conversation cleared)" not in text and "Memory: /srv/mem" in text
     assert 'stats: {"num_tokens": 7}' in text
     assert len(messages) == 4  # clear did not drop the transcript

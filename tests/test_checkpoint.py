@@ -93,12 +93,12 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        cm._atomic_write(path, crash)
+        cm.atomic_write(path, crash)
     assert os.listdir(tmp_path) == []
     # an existing good file survives a crashed overwrite
     cm.save_meta(str(tmp_path), 1, {"step": 1})
     with pytest.raises(OSError):
-        cm._atomic_write(str(tmp_path / "meta_000001.json"), crash)
+        cm.atomic_write(str(tmp_path / "meta_000001.json"), crash)
     with open(tmp_path / "meta_000001.json") as f:
         assert json.load(f) == {"step": 1}
 
@@ -160,7 +160,7 @@ def test_mc_flags_override_a_checkpoint_config_and_are_validated_merged():
     result is validated, not the flags alone: --mc-train-hist-budget 96 is legal beside the checkpoint's 32 tail
     tokens, though not beside the default 128 (it raised before)."""
     import argparse
-    from megacontext.checkpoint import resolve_mc_config
+    from megacontext.training.trainer import resolve_mc_config
     from megacontext.config import MCConfig, add_mc_args
     parser = add_mc_args(argparse.ArgumentParser())
     src = {"mc_config": MCConfig(budget=192, tail_tokens=32).to_dict()}
@@ -171,3 +171,11 @@ def test_mc_flags_override_a_checkpoint_config_and_are_validated_merged():
         resolve_mc_config(parser.parse_args(["--mc-train-hist-budget", "300"]), src)
     with pytest.raises(UserError, match="cannot change between stages"):
         resolve_mc_config(parser.parse_args(["--mc-block-size", "16"]), src)
+
+
+def test_mc_config_of_an_older_checkpoint_drops_retired_fields():
+    from megacontext.config import MCConfig
+    old = dict(MCConfig(budget=224).to_dict(), gist_shared=True)  # a field older checkpoints stored
+    assert MCConfig.from_dict(old) == MCConfig(budget=224)
+    with pytest.raises(ValueError, match="unknown MegaContext config fields"):
+        MCConfig.from_dict(dict(old, budgett=224))

@@ -1,5 +1,5 @@
 """
-The long-context evaluation (scripts/mc_eval.py, megacontext/baselines.py, nanochat/plots.py):
+The long-context evaluation (scripts/mc_eval.py and megacontext/eval/):
 budgets counted per method, the exact-match scorer, the reading paths against full recomputes, the
 JSON shape, determinism, plots, the report section, and checkpoints with and without MC weights.
 """
@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext.baselines import (FOCUSED, METHODS, SINKS, Models, answer_matches, boundary_level, build_contexts,
-                                   continuation_nll, greedy_decode, mean_pool_reader, shared_length, span_is_raw)
-from megacontext.retrieval import entry_covering, leads_next_to, lens_focus, start_wc
+from megacontext.eval.baselines import (FOCUSED, METHODS, SINKS, Models, answer_matches, boundary_level, build_contexts,
+                                        continuation_nll, greedy_decode, mean_pool_reader, shared_length, span_is_raw)
+from megacontext.focus import question_focus
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.kvcache import full_logits
 from megacontext.lensnet import LensNet
 from megacontext.reranker import Reranker
-from megacontext.working_context import append_tokens, check_invariants, entry_spans, recency_pyramid, wc_cost
+from megacontext.working_context import append_tokens, recency_pyramid, wc_cost
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 
@@ -42,7 +42,7 @@ def tiny_models(budget=128, tail=32, seq_len=256, seed=0, n_embd=64, max_level=3
 
 
 def make_tree(ids, gistnet, gpt, cfg):
-    from scripts.mc_eval import make_tree as mk
+    from megacontext.eval.harness import make_tree as mk
     return mk(ids, gistnet, gpt, cfg)
 
 
@@ -104,8 +104,8 @@ def test_every_method_reads_the_same_counted_budget(n):
 
 
 def test_eval_refuses_unequal_budgets():
-    from scripts.mc_eval import check_same_budget
-    from megacontext.baselines import Context
+    from megacontext.eval.harness import check_same_budget
+    from megacontext.eval.baselines import Context
     a = Context(torch.zeros(10, 4), torch.arange(10.0))
     b = Context(torch.zeros(11, 4), torch.arange(11.0))
     assert check_same_budget({"truncation": a, "mc_recency": a, "full": b}, "x") == {"truncation": 10, "mc_recency": 10}
@@ -164,13 +164,13 @@ def test_continuation_nll_and_decode_match_full_recompute(scheme_method):
         seq.append(t)
 
 
-def test_lens_focus_fills_the_budget_until_it_opens_a_block_and_hit_detection():
+def test_question_focus_fills_the_budget_until_it_opens_a_block_and_hit_detection():
     gpt, gistnet, lensnet, cfg = tiny_models()
     n = 3000
     ids = np.random.default_rng(3).integers(0, V, n).tolist()
     tree = make_tree(ids, gistnet, gpt, cfg)
     trace = []
-    wc = lens_focus(n, cfg.budget, cfg, lensnet, tree, gpt.transformer.wte, trace=trace)
+    wc = question_focus(n, cfg.budget, cfg, lensnet, tree, gpt.transformer.wte, trace=trace)
     full = wc_cost(wc, 32) == shared_length(n, cfg.budget, cfg)
     assert full or any(level == 1 for level, _ in trace)  # short of the budget only once a block was opened
     pyr = recency_pyramid(n, cfg.budget, cfg)
@@ -189,90 +189,6 @@ def test_boundary_level_names_the_coarsest_boundary_a_span_crosses():
             assert boundary_level((a, b), K, 3) == max(split, default=0)
 
 
-class WantsBlocks:
-    """A LensNet stand-in that wants the gists covering the given raw blocks (score 1) and nothing else (-0.5)."""
-
-    def __init__(self, blocks, K):
-        self.blocks, self.K = blocks, K
-
-    def score(self, wcs, readers, wte):
-        wc = wcs[0]
-        starts, ends = entry_spans(wc, self.K)
-        want = [(lv >= 1) and any(a <= b * self.K < e for b in self.blocks)
-                for lv, a, e in zip(wc.levels, starts, ends)]
-        return torch.tensor([[1.0 if w else -0.5 for w in want]]), None
-
-
-def test_lens_focus_collapses_an_unwanted_group_to_open_one_more_block():
-    cfg = MCConfig(block_size=8, max_level=2, budget=64, tail_tokens=8, lens_dim=32, lens_heads=2, lens_layers=1)
-    K, n = cfg.block_size, 400
-    start = start_wc(n, cfg.budget, cfg)
-    l1 = [int(i) for lv, i in zip(start.levels, start.indices) if lv == 1]
-    wanted = l1[:3]  # a needle over three blocks in a row; the start leaves room for one
-    assert wanted == [wanted[0], wanted[0] + 1, wanted[0] + 2]
-    assert (cfg.budget - wc_cost(start, K)) // (K - 1) == 1
-    net = WantsBlocks(wanted, K)
-    without = lens_focus(n, cfg.budget, cfg, net, None, None, collapses=0)
-    assert sum(span_is_raw(without, (b * K, b * K + K), K) for b in wanted) == 1
-    wc = lens_focus(n, cfg.budget, cfg, net, None, None)
-    check_invariants(wc, cfg, cfg.budget)
-    assert all(span_is_raw(wc, (b * K, b * K + K), K) for b in wanted)
-    assert wc_cost(wc, K) == wc_cost(without, K)  # the same budget, spent on the wanted blocks
-
-
-def test_leads_next_to_covers_a_block_s_neighbours_at_every_level():
-    K = 4
-    for blocks in ([0], [5], [7, 8], [15, 16, 40]):
-        near = {n for b in blocks for n in (b - 1, b + 1) if n >= 0}
-        for level in (1, 2, 3):
-            for index in range(12):  # brute force: a gist covers blocks [index * K^(L-1), (index + 1) * K^(L-1))
-                span = range(index * K ** (level - 1), (index + 1) * K ** (level - 1))
-                assert leads_next_to(level, index, blocks, K) == any(n in span for n in near), (blocks, level, index)
-
-
-def test_lens_focus_goes_on_only_towards_the_neighbours_of_a_block_it_opened(monkeypatch):
-    """A needle across a region edge: focus opens its first block, then the neighbouring region and block.
-    A wanted block elsewhere stops focus, with room left, instead of letting a second needle in."""
-    cfg = MCConfig(block_size=4, max_level=2, budget=40, tail_tokens=4, lens_dim=32, lens_heads=2, lens_layers=1)
-    K, n = cfg.block_size, 200
-    start = start_wc(n, cfg.budget, cfg)
-    regions = [int(i) for lv, i in zip(start.levels, start.indices) if lv == 2]
-    r = regions[1]
-    edge = [r * K - 1, r * K]  # the last block of region r - 1 and the first of region r
-    assert all(start.levels[entry_covering(start, b * K, K)] == 2 for b in edge)
-    wc = lens_focus(n, cfg.budget, cfg, WantsBlocks(edge, K), None, None)
-    check_invariants(wc, cfg, cfg.budget)
-    assert all(span_is_raw(wc, (b * K, b * K + K), K) for b in edge)
-    far = edge[:1] + [regions[-1] * K + 1]  # the same first block, and one in another region
-    import megacontext.retrieval as R
-    events = []  # expansions and folds, in order
-    for name in ("expand", "apply_edits"):
-        monkeypatch.setattr(R, name, lambda *a, _f=getattr(R, name), _n=name, **k: events.append(_n) or _f(*a, **k))
-    trace = []
-    wc = lens_focus(n, cfg.budget, cfg, WantsBlocks(far, K), None, None, trace=trace)
-    assert events[-1] == "expand"  # the far pick stopped focus before it folded a group to make room for it
-    check_invariants(wc, cfg, cfg.budget)
-    assert span_is_raw(wc, (far[0] * K, far[0] * K + K), K) and not span_is_raw(wc, (far[1] * K, far[1] * K + K), K)
-    assert trace == [(2, far[0] // K), (1, far[0])]  # its region, its block, and nothing after
-    assert wc == lens_focus(n, cfg.budget, cfg, WantsBlocks(far[:1], K), None, None)  # no fold made for it either
-    alone = lens_focus(n, cfg.budget, cfg, WantsBlocks(far[1:], K), None, None)
-    assert span_is_raw(alone, (far[1] * K, far[1] * K + K), K)  # within reach: the rule kept it closed, not the budget
-
-
-def test_lens_focus_folds_level_2_regions_into_level_3_when_no_level_1_group_is_left():
-    """Past K regions the start is all level-2 gists: the wanted block's region opens, and the block needs
-    one more expansion than the budget leaves, so K older regions fold into their level-3 parent."""
-    cfg = MCConfig(block_size=4, max_level=3, budget=28, tail_tokens=4, lens_dim=32, lens_heads=2, lens_layers=1)
-    K, n, blk = cfg.block_size, 254, 21  # block 21 lies in region 5, outside the first level-3 node (regions 0-3)
-    start = start_wc(n, cfg.budget, cfg)
-    assert start.levels[entry_covering(start, blk * K, K)] == 2 and (start.levels == 3).sum() == 0
-    assert wc_cost(start, K) + 2 * (K - 1) > cfg.budget  # region + block do not fit as they are
-    wc = lens_focus(n, cfg.budget, cfg, WantsBlocks([blk], K), None, None)
-    check_invariants(wc, cfg, cfg.budget)
-    assert span_is_raw(wc, (blk * K, blk * K + K), K)
-    assert (wc.levels == 3).sum() == 1  # K regions that LensNet does not want, folded into one gist
-
-
 # -----------------------------------------------------------------------------
 # the script: JSON shape, determinism, plots, report
 
@@ -288,7 +204,7 @@ def _strip_timings(d):
 
 
 def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
-    from megacontext.eval_report import validate_result
+    from megacontext.eval.report import validate_result
     res = _run(tmp_path / "a" / "mc_eval.json")
     with open(tmp_path / "a" / "mc_eval.json") as f:
         a = json.load(f)
@@ -342,7 +258,7 @@ def test_random_depths_vary_the_needle_alignment(tiny_base_env, tmp_path):
 
 
 def test_validate_result_rejects_bad_shapes():
-    from megacontext.eval_report import validate_result
+    from megacontext.eval.report import validate_result
     good = {"config": {}, "passkey": {"4": {"truncation": 0.5, "full": None}}, "needle": {}, "kv_recall": {},
             "long_doc": {"truncation": 2.0, "gap_closed": None}}
     assert validate_result(good)
@@ -386,7 +302,7 @@ def test_checkpoint_sources(tiny_base_env, tmp_path):
 
 
 def test_plot_decode_ms(tmp_path):
-    from nanochat.plots import plot_decode_ms
+    from megacontext.eval.plots import plot_decode_ms
     bench = {"config": {"budget": 512}, "decode_ms_per_token": {"1000": {"megacontext": 2.0, "full_kv": 1.5},
                                                                 "1000000": {"megacontext": 2.1, "full_kv": None}}}
     p = plot_decode_ms(bench, str(tmp_path / "d.png"))
@@ -398,7 +314,7 @@ def test_long_doc_nll_and_gap_closed(tiny_base_dir, tiny_docs, monkeypatch):
     """run_long_doc on a GPT that reads its context: per-method NLL and the gap formula, exactly."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", tiny_base_dir)
     from nanochat.tokenizer import get_tokenizer
-    from scripts.mc_eval import CachedTokenizer, doc_windows, run_long_doc
+    from megacontext.eval.harness import CachedTokenizer, doc_windows, run_long_doc
     gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
     tok = CachedTokenizer(get_tokenizer())
     texts = tiny_docs[-24:]
@@ -417,7 +333,7 @@ def test_long_doc_nll_and_gap_closed(tiny_base_dir, tiny_docs, monkeypatch):
 
 
 def test_gap_closed_is_undefined_without_a_gap():
-    from scripts.mc_eval import gaps_closed
+    from megacontext.eval.harness import gaps_closed
     g = gaps_closed({"truncation": 3.0, "megacontext": 2.5, "sinks": 3.2, "full": 2.0})
     assert g == {"truncation": None, "megacontext": 0.5, "sinks": -0.2, "full": None}
     # full attention worse than truncation (e.g. a model that never learned to use context): no share
@@ -425,8 +341,8 @@ def test_gap_closed_is_undefined_without_a_gap():
 
 
 def test_report_quotes_where_megacontext_loses():
-    from megacontext.eval_report import report_markdown
-    from scripts.mc_eval import position_verdict
+    from megacontext.eval.report import report_markdown
+    from megacontext.eval.harness import position_verdict
     methods = ["truncation", "megacontext", "megacontext_gaussian", "full"]
     res = {"config": {"methods": methods, "budget": 512, "block_size": 32, "sequence_len": 1024, "source": "sft",
                       "step": 3, "trials": 50, "needle_trials": 50, "depths": [0.5], "doc_target": 64,
@@ -461,7 +377,7 @@ def test_mc_bench_report_section(tmp_path, monkeypatch):
 # quality: gist substitutability per level, LensNet pair agreement
 
 def test_quality_plan_histories():
-    from megacontext.quality import lens_candidates, quality_plan
+    from megacontext.eval.quality import lens_candidates, quality_plan
     cfg = MCConfig(budget=128, tail_tokens=32)
     hist, why = quality_plan(cfg, 256, 64)
     assert hist == {"level_1": 192, "level_2": 32 * 32 + 32, "lens": 192} and why == {}
@@ -481,9 +397,9 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
     agreement in [0, 1], determinism, and null + reasons without MC weights."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", tiny_base_dir)
     from nanochat.tokenizer import get_tokenizer
-    from megacontext.eval_report import validate_result
-    from megacontext.quality import quality_problems, run_quality
-    from scripts.mc_eval import CachedTokenizer
+    from megacontext.eval.report import validate_result
+    from megacontext.eval.quality import quality_problems, run_quality
+    from megacontext.eval.harness import CachedTokenizer
     gpt, gistnet, lensnet, cfg = tiny_models(budget=128, tail=32, seq_len=256)
     models = Models(gpt, gistnet, lensnet, CachedTokenizer(get_tokenizer()), cfg)
     q = run_quality(models, tiny_docs[-24:], 32, 2, seed=0, progress=False)
@@ -504,8 +420,8 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
             assert r["substitutability"] is None and "undefined" in q["reasons"][key]
     # without a raw tail: the same windows, so raw and none are the tailed entry's to the digit, dropped is
     # none, and the gists are the whole history's (a reference computation with tail_tokens 0)
-    from megacontext.objective import gist_substitutability
-    from megacontext.quality import doc_windows
+    from megacontext.eval.metrics import gist_substitutability
+    from megacontext.eval.quality import doc_windows
     for key, r in (("level_1", l1), ("level_2", l2)):
         r0 = q[f"{key}_no_tail"]
         assert r0["history_tokens"] == r["history_tokens"] and r0["rows"] == r["rows"]
@@ -534,7 +450,7 @@ def test_quality_figures(tiny_base_dir, tiny_docs, monkeypatch):
 
 def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
     """`--tasks quality --random-init` (and with --baselines-only) runs, validates and reports."""
-    from megacontext.eval_report import validate_result
+    from megacontext.eval.report import validate_result
     for extra in ([], ["--baselines-only"]):
         res = _run(tmp_path / "q.json", ["--tasks", "quality", "--doc-target", "32"] + extra)
         with open(tmp_path / "q.json") as f:
@@ -554,7 +470,7 @@ def test_quality_task_runs_random_init(tiny_base_env, tmp_path):
 
 
 def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_rows():
-    from megacontext.quality import bootstrap_ci, substitutability_ratio
+    from megacontext.eval.quality import bootstrap_ci, substitutability_ratio
     rng = np.random.default_rng(0)
     raw = 6.0 + rng.normal(0, 0.3, 64)
     dropped, gists = raw + 0.1 + rng.normal(0, 0.05, 64), raw + 0.05 + rng.normal(0, 0.05, 64)
@@ -571,8 +487,8 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_rows():
 
 
 def test_quality_shape_and_report_rows():
-    from megacontext.eval_report import validate_result
-    from megacontext.quality import quality_markdown
+    from megacontext.eval.report import validate_result
+    from megacontext.eval.quality import quality_markdown
     lvl = {"history_tokens": 960, "target_tokens": 64, "rows": 4, "nll_raw": 3.0, "nll_gists": 3.2,
            "nll_dropped": 3.4, "nll_none": 4.0, "substitutability": 0.5, "lm_guard": True, "raw_fits_context": True}
     q = {"level_1": {**lvl, "substitutability_ci": [0.25, 0.75]}, "level_2": None,
@@ -601,7 +517,7 @@ def test_quality_shape_and_report_rows():
     md0 = quality_markdown(q0, {"doc_target": 64, "sequence_len": 1024})
     assert "| 1, no raw tail | 960 | 3.0000 | 3.2000 | 4.0000 | 4.0000 | 0.800 | pass |" in md0
     assert "level 2, no raw tail: not measured (max_level 1)" in md0 and "against no history at all" in md0
-    from megacontext.eval_report import headline
+    from megacontext.eval.report import headline
     assert headline({**base, "quality": q0}) == {"mc gist substitutability L1": 0.5,
                                                  "mc gist substitutability L1 no tail": 0.8, "mc lens pair agreement": 0.8}
     assert "| 2 | - |" in md and "level 2: not measured (max_level 1)" in md

@@ -245,7 +245,8 @@ def test_torchrun_mc_ranks_agree(tiny_base_env):
 
 def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
     """--mc-train-rows r: the MC objective on the first r rows, plain LM on the rest, row-weighted."""
-    from megacontext.checkpoint import MCTrainer, build_mc_modules
+    from megacontext.checkpoint import build_mc_modules
+    from megacontext.training.trainer import MCTrainer
     from megacontext.config import MCConfig
     from nanochat.gpt import GPT, config_from_depth
     torch.manual_seed(0)

@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistNet, build_gists
 from megacontext.lensnet import LensNet
-from megacontext.objective import (MCObjective, bow_loss, coarsest_wc, expand, focus_wc, gist_substitutability, lens_loss,
-                                   lens_pair_agreement, lens_targets, pack, pair_agreement, random_mix, raw_suffix_part,
-                                   row_nll, split_point, wc_part)
-from megacontext.retrieval import (entry_covering, lens_curriculum, lens_target_loss, needle_loss, needle_variant,
-                                   open_blocks, start_wc, weighted_target_nll)
-from megacontext.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
-from megacontext.working_context import WCError, check_invariants, recency_pyramid, swap_share, wc_cost
+from megacontext.allocator import expand
+from megacontext.eval.metrics import gist_substitutability, lens_pair_agreement
+from megacontext.focus import entry_covering, greedy_focus, open_blocks, start_wc
+from megacontext.packing import pack, raw_suffix_part, row_nll, wc_part
+from megacontext.training.needle import (lens_curriculum, lens_target_loss, needle_loss, needle_variant,
+                                         weighted_target_nll)
+from megacontext.training.objective import (MCObjective, bow_loss, lens_loss, lens_targets, pair_agreement, random_mix,
+                                            split_point)
+from megacontext.training.telemetry import MetricWindow, PhaseTimer, for_wandb, format_metrics, format_table
+from megacontext.working_context import WCError, check_invariants, coarsest_wc, recency_pyramid, swap_share, wc_cost
 from nanochat.gpt import GPT, GPTConfig
 
 V = 64
@@ -211,7 +214,7 @@ def test_split_and_wc_builders_keep_invariants():
         wc = random_mix(n, 40, cfg, rng)
         check_invariants(wc, cfg, 40)
         assert wc_cost(wc, cfg.block_size) > 40 - cfg.block_size + 1  # no room left for another expansion
-        f = focus_wc(coarsest_wc(n, cfg), 40, cfg, lambda w: -np.arange(len(w), dtype=float))
+        f = greedy_focus(coarsest_wc(n, cfg), 40, cfg, lambda w: -np.arange(len(w), dtype=float))
         check_invariants(f, cfg, 40)
 
 
@@ -277,7 +280,7 @@ def test_split_half_orders_the_second_half_deltas_by_the_first_halfs(monkeypatch
         return out
     monkeypatch.setattr(obj, "counterfactuals", record)
     lens_pair_agreement(obj, x, y, s, np.random.default_rng(3))
-    from megacontext.quality import lens_candidates
+    from megacontext.eval.quality import lens_candidates
     assert lens_candidates(s, cfg) == 7 and len(calls) == 3 and int(calls[0].sum()) == 2  # 2 drawn of 7
     assert all(torch.equal(c, calls[0]) for c in calls)
 
@@ -326,12 +329,12 @@ def test_swap_rate_is_lens_focus_departure_from_the_recency_pyramid(monkeypatch)
     oldest = lambda wc, reader: -np.arange(len(wc), dtype=np.float64)
     monkeypatch.setattr(MCObjective, "_lens_scores", lambda self, wc, reader: oldest(wc, reader))
     _, m = obj.loss(x, y, np.random.default_rng(0), s=s)
-    lens = focus_wc(coarsest_wc(s, cfg), B_h, cfg, lambda w: oldest(w, None))
+    lens = greedy_focus(coarsest_wc(s, cfg), B_h, cfg, lambda w: oldest(w, None))
     new = {(int(L), int(i)) for L, i in zip(lens.levels, lens.indices)}
     old = {(int(L), int(i)) for L, i in zip(pyr.levels, pyr.indices)}
     assert 0 < m["mc/swap_rate"] == len(new - old) / len(lens) < 1
     # a focus that lands on the pyramid itself swaps nothing
-    monkeypatch.setattr("megacontext.objective.focus_wc", lambda base, budget, cfg, fn: recency_pyramid(s, budget, cfg))
+    monkeypatch.setattr("megacontext.training.objective.greedy_focus", lambda base, budget, cfg, fn: recency_pyramid(s, budget, cfg))
     _, m = obj.loss(x, y, np.random.default_rng(0), s=s)
     assert m["mc/swap_rate"] == 0.0
     # without a LensNet-driven variant there is nothing to measure
@@ -456,7 +459,7 @@ def test_needle_loss_keeps_the_gists_bag_of_words_term():
 def test_question_end_and_readers_over_the_question():
     """LensNet's needle examples cover history + question (the question in the raw tail), as at inference."""
     from megacontext.gistnet import GistLevels
-    from megacontext.retrieval import question_end
+    from megacontext.training.needle import question_end
     cfg = MCConfig(block_size=8, max_level=2, budget=64, tail_tokens=8)
     s = 32
     y = torch.full((50,), -1)

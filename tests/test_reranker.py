@@ -4,13 +4,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from megacontext.baselines import span_is_raw
+from megacontext.eval.baselines import span_is_raw
 from megacontext.config import MCConfig
 from megacontext.gistnet import GistLevels, GistNet, build_gists
 from megacontext.lensnet import LensNet
-from megacontext.objective import MCObjective
-from megacontext.retrieval import entry_covering, focus_pick, lens_focus, needle_loss, start_wc
-from megacontext.reranker import PAD, Reranker, candidate_ids, margin, match_flags, rerank_scores, shortlist
+from megacontext.focus import entry_covering, focus_pick, question_focus, rerank_scores, shortlist, start_wc
+from megacontext.reranker import PAD, Reranker, candidate_ids, margin, match_flags
+from megacontext.training.needle import needle_loss
+from megacontext.training.objective import MCObjective
 from megacontext.working_context import check_invariants, wc_cost
 from nanochat.gpt import GPT, GPTConfig
 
@@ -79,9 +80,9 @@ def test_two_stage_focus_opens_the_reranker_pick():
         ids = torch.randint(6, V, (n,), generator=torch.Generator().manual_seed(blk))
         ids[blk * K + 4] = MARK
         reader, wte = reader_over(ids, cfg)
-        wc = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
+        wc = question_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
         assert span_is_raw(wc, (blk * K, blk * K + K), K)
-        one = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: its own choice, same budget
+        one = question_focus(n, cfg.budget, cfg, lensnet, reader, wte)  # LensNet alone: its own choice, same budget
         assert one.num_tokens == wc.num_tokens and max(wc_cost(one, K), wc_cost(wc, K)) <= cfg.budget
 
 
@@ -106,10 +107,10 @@ def test_focus_looks_inside_level_2_regions_for_the_reranker():
             assert focus_pick(start, scores, reader, lensnet, None, wte, cfg) == best  # no reranker: LensNet's
             assert focus_pick(start, scores, reader, lensnet, MarkerReranker(cfg), wte, cfg) == \
                 entry_covering(start, blk * K, K)
-            wc = lens_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
+            wc = question_focus(n, cfg.budget, cfg, lensnet, reader, wte, MarkerReranker(cfg))
             check_invariants(wc, cfg, cfg.budget)
             assert span_is_raw(wc, (blk * K, blk * K + K), K)
-            found_alone += span_is_raw(lens_focus(n, cfg.budget, cfg, lensnet, reader, wte), (blk * K, blk * K + K), K)
+            found_alone += span_is_raw(question_focus(n, cfg.budget, cfg, lensnet, reader, wte), (blk * K, blk * K + K), K)
     assert found_alone < 18
 
 

@@ -145,7 +145,7 @@ def test_mc_flag_and_bad_arguments(tmp_path):
         assert mc.returncode == 0, mc.stderr
         # --mc keeps the whole pipeline; it may only add flags to the training commands
         assert [m for m, _ in module_steps(mc.stdout)] == [m for m, _ in module_steps(plain.stdout)]
-        # the recipe that fit one H100 at depth 20 (dev/LOG.md, session 9), each flag once: the run
+        # the recipe that fit one H100 at depth 20 (dev/LOG.md, 2026-11-22, 'the first CUDA runs'), each flag once: the run
         # script's own --device-batch-size is dropped, not left for argparse to override
         for mod, want in (("scripts.base_train", ["--device-batch-size=8", "--mc-train-rows=2", "--mc-lens-cands=4"]),
                           ("scripts.mid_train", ["--device-batch-size=8"])):

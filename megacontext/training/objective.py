@@ -1,5 +1,5 @@
 """
-The end-to-end MegaContext training objective (DESIGN.md section 8).
+The end-to-end MegaContext training objective (docs/architecture.md).
 
 One step on a batch x, y (B, T) of next-token pairs (y[:, t] = x[:, t + 1], -1 = no loss):
 1. split at a block-aligned s: history x[:, :s], target inputs x[:, s:] with labels y[:, s:]
@@ -22,21 +22,18 @@ A share `train_plain_lm` of steps trains plain full-detail LM instead, so base q
 Level-2 salience: level-2 gists in a base WC are counterfactual candidates like any other gist (their
 expansion is scored by delta_nll), so LensNet learns coarse scores.
 
-The retrieval recipe (needle rows whose answer blocks are known) is in megacontext/retrieval.py.
+The retrieval recipe (needle rows whose answer blocks are known) is in megacontext/training/needle.py.
 """
-import copy
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megacontext.allocator import Edit, apply_edits
+from megacontext.allocator import expand
+from megacontext.focus import greedy_focus
 from megacontext.gistnet import GistLevels, build_gists
-from megacontext.positions import wc_positions
-from megacontext.telemetry import PhaseTimer
-from megacontext.working_context import (WorkingContext, all_raw, coarsest_tiling, entry_spans, min_cost,
-                                         recency_pyramid, swap_share, tail_start, wc_cost, wc_slot_embeddings)
+from megacontext.packing import chunked_row_nll, pack, raw_suffix_part, row_nll, wc_part
+from megacontext.training.telemetry import PhaseTimer
+from megacontext.working_context import all_raw, coarsest_wc, min_cost, recency_pyramid, swap_share, wc_cost
 
 
 
@@ -55,23 +52,8 @@ def split_point(T, cfg, rng):
     return K * int(rng.integers(lo, hi + 1))
 
 
-def _as_rng(rng):
+def as_rng(rng):
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
-def coarsest_wc(num_tokens, cfg, max_level=None):
-    """The cheapest legal WC: the coarsest aligned tiling (levels <= max_level) + the raw tail."""
-    K = cfg.block_size
-    ts = tail_start(num_tokens, cfg)
-    lv, ix = coarsest_tiling(ts, max_level or cfg.max_level, K)
-    nb = -(-num_tokens // K)
-    return WorkingContext(np.concatenate([lv, np.zeros(nb - ts // K, np.int64)]),
-                          np.concatenate([ix, np.arange(ts // K, nb, dtype=np.int64)]), num_tokens)
-
-
-def expand(wc, j, cfg):
-    """The WC with its entry j (a gist) expanded into its children."""
-    return apply_edits(wc, [Edit("expand", int(wc.levels[j]), int(wc.indices[j]))], cfg)
 
 
 def random_mix(num_tokens, budget, cfg, rng):
@@ -86,102 +68,6 @@ def random_mix(num_tokens, budget, cfg, rng):
         wc = expand(wc, int(rng.choice(gist)), cfg)
         cost += K - 1
     return wc
-
-
-def focus_wc(base, budget, cfg, score_fn, max_passes=8):
-    """LensNet-driven focus: from `base`, repeatedly expand the best-scored gists that fit the budget
-    (up to max_edits per pass, rescoring in between, so a level-2 gist can reach raw tokens)."""
-    K = cfg.block_size
-    wc = base
-    for _ in range(max_passes):
-        room = (budget - wc_cost(wc, K)) // (K - 1)
-        gist = np.flatnonzero(wc.levels >= 1)
-        if room < 1 or len(gist) == 0:
-            break
-        scores = np.asarray(score_fn(wc), dtype=np.float64)
-        best = gist[np.argsort(-scores[gist], kind="stable")][:min(room, cfg.max_edits)]
-        wc = apply_edits(wc, [Edit("expand", int(wc.levels[j]), int(wc.indices[j])) for j in best], cfg)
-    return wc
-
-
-# -----------------------------------------------------------------------------
-# packing [history part ; target segment] rows for one GPT forward
-
-@dataclass
-class HistPart:
-    embeds: torch.Tensor        # (n, d) history slots
-    pos: torch.Tensor           # (n,) float32
-    sigma: torch.Tensor = None  # (n,) float32 for the gaussian scheme
-
-
-@dataclass
-class Packed:
-    embeds: torch.Tensor        # (R, T, d), right-padded
-    pos: torch.Tensor           # (R, T)
-    sigma: torch.Tensor         # (R, T) or None
-    labels: torch.Tensor        # (R, T) long: -1 on history slots and padding, next tokens on targets
-    hist_lens: list             # slots taken by each row's history
-
-
-def wc_part(wc, reader, wte, cfg):
-    pos, sigma = wc_positions(wc, cfg.block_size, cfg.positions)
-    return HistPart(wc_slot_embeddings(wc, reader, wte, cfg), pos, sigma)
-
-
-def raw_suffix_part(hist_ids, keep, wte, cfg):
-    """Truncation: the newest `keep` tokens of a history, raw (keep = 0: no context at all)."""
-    s = hist_ids.numel()
-    keep = min(keep, s)
-    emb = wte(hist_ids[s - keep:])
-    if cfg.positions == "slot":
-        return HistPart(emb, torch.arange(keep, dtype=torch.float32))
-    return HistPart(emb, torch.arange(s - keep, s, dtype=torch.float32), torch.zeros(keep))
-
-
-def pack(parts, tgt_ids, tgt_labels, s, wte, cfg):
-    """
-    Rows `[part_r ; target_r]`. tgt_ids (R, m) are the target segment's inputs x[s:], tgt_labels (R, m)
-    their next tokens y[s:]. Target positions continue the history: slot n_r + j, or the absolute
-    token position s + j (sigma 0, exact RoPE) under the gaussian scheme.
-    """
-    R, m = tgt_ids.shape
-    tgt = wte(tgt_ids)
-    lens = [p.embeds.size(0) for p in parts]
-    T = max(lens) + m
-    d = tgt.size(-1)
-    device = tgt.device
-    gaussian = cfg.positions == "gaussian"
-    embeds, pos, sigma = [], torch.zeros(R, T), torch.zeros(R, T) if gaussian else None
-    labels = torch.full((R, T), -1, dtype=torch.long, device=device)
-    for r, (p, n) in enumerate(zip(parts, lens)):
-        embeds.append(torch.cat([p.embeds.to(tgt.dtype), tgt[r], tgt.new_zeros(T - n - m, d)]))
-        pos[r, :n] = p.pos
-        pos[r, n:n + m] = (s if gaussian else n) + torch.arange(m, dtype=torch.float32)
-        if gaussian and n:
-            sigma[r, :n] = p.sigma
-        labels[r, n:n + m] = tgt_labels[r]
-    return Packed(torch.stack(embeds), pos.to(device), None if sigma is None else sigma.to(device), labels, lens)
-
-
-def packed_nll(gpt, packed):
-    """(R, T) next-token NLL of packed rows, 0 where unlabelled (logits only at the labelled slots)."""
-    h = gpt(inputs_embeds=packed.embeds, pos=packed.pos, pos_sigma=packed.sigma, return_hidden=True)
-    return gpt.labelled_nll(h, packed.labels)
-
-
-def row_nll(gpt, packed):
-    """(sum of next-token NLL over each row's labelled target tokens (R,), label counts (R,))."""
-    return packed_nll(gpt, packed).sum(1), (packed.labels != -1).sum(1)
-
-
-def chunked_row_nll(gpt, parts, tgt_ids, tgt_labels, s, wte, cfg, chunk=64):
-    sums, counts = [], []
-    for i in range(0, len(parts), chunk):
-        p = pack(parts[i:i + chunk], tgt_ids[i:i + chunk], tgt_labels[i:i + chunk], s, wte, cfg)
-        a, b = row_nll(gpt, p)
-        sums.append(a)
-        counts.append(b)
-    return torch.cat(sums), torch.cat(counts)
 
 
 # -----------------------------------------------------------------------------
@@ -215,11 +101,11 @@ def lens_loss(z, delta, legal, temp):
 
 def bow_loss(gists, ids, lm_head_weight, K):
     """
-    Bag-of-words loss of level-1 gists (B, G, d) over their blocks' tokens ids (B, >= G * K): read through
-    the GPT's lm_head (frozen here, so the LM is not bent toward the gists), each gist's softmax must put
-    mass on its own block's tokens (mean -log p over the block). Why: on prose most of what the history
-    beyond the raw tail adds is tokens that recur (dev/LOG.md, session 7), and a gist the lm_head can read
-    that way is one the GPT can copy from.
+    Bag-of-words loss of level-1 gists (B, G, d) over their blocks' tokens ids (B, >= G * K): read through the GPT's
+    lm_head (frozen here, so the LM is not bent toward the gists), each gist's softmax must put mass on its own
+    block's tokens (mean -log p over the block). Why: on prose most of what the history beyond the raw tail adds is
+    tokens that recur (dev/LOG.md, 2026-11-22, 'midtraining unlearns prose'), and a gist the lm_head can read that
+    way is one the GPT can copy from.
     """
     B, G, d = gists.shape
     if G == 0:
@@ -285,7 +171,7 @@ class MCObjective:
         elif name == "random":
             wc = random_mix(s, B_h, cfg, rng)
         else:  # "lens"
-            wc = focus_wc(coarsest_wc(s, cfg), B_h, cfg, lambda w: self._lens_scores(w, reader))
+            wc = greedy_focus(coarsest_wc(s, cfg), B_h, cfg, lambda w: self._lens_scores(w, reader))
         return wc_part(wc, reader, self.wte, cfg), wc
 
     def counterfactuals(self, x, y, s, readers, rng, base="random"):
@@ -330,7 +216,7 @@ class MCObjective:
     def loss(self, x, y, rng, step=0, s=None):
         """(scalar loss, metrics dict). x, y: (B, T) next-token pairs; rng: numpy Generator or seed;
         s: the history length (block-aligned), default a random split (`split_point`)."""
-        cfg, rng = self.cfg, _as_rng(rng)
+        cfg, rng = self.cfg, as_rng(rng)
         valid = y[:, :-1] != -1
         if (y[:, :-1][valid] != x[:, 1:][valid]).any():
             raise ValueError("y must be x shifted by one (y[:, t] = x[:, t + 1], or -1): the loss predicts "
@@ -396,13 +282,13 @@ class MCObjective:
                                 "mc/lens_binary": l_bce.detach(),
                                 "mc/delta_nll": best[legal.any(1)].mean(),
                                 "mc/lens_agreement": pair_agreement(scores, delta, legal),
-                                "mc/lens_top1": _top1(scores, delta, legal)})
+                                "mc/lens_top1": top1_share(scores, delta, legal)})
         metrics["mc/loss"] = loss.detach()
         metrics.update(timer.pop())
         return loss, metrics
 
 
-def _top1(scores, delta, legal):
+def top1_share(scores, delta, legal):
     """Share of rows whose best-scored legal entry is the counterfactual best."""
     neg = torch.full_like(delta, -float("inf"))
     pick = torch.where(legal.to(scores.device), scores.detach(), neg.to(scores.device)).argmax(1).cpu()
@@ -411,67 +297,5 @@ def _top1(scores, delta, legal):
     return float((pick == best)[rows].float().mean()) if rows.any() else float("nan")
 
 
-# -----------------------------------------------------------------------------
-# evaluation helpers (dev/mc_experiment.py, scripts/mc_eval.py)
-
-@torch.no_grad()
-def gist_substitutability(gpt, gistnet, x, y, s, cfg, level=1, per_row=False):
-    """
-    Mean next-token NLL of the target x[:, s:] (labels y[:, s:]) with the history [0, s) given as:
-    `raw` (all tokens), `gists` (everything before the raw tail as gists of level <= `level`, coarsest
-    tiling), `dropped` (the raw tail only), `none` (no history). substitutability =
-    (NLL_dropped - NLL_gists) / (NLL_dropped - NLL_raw): 1 = the gists replace the raw tokens fully,
-    0 = they add nothing. The LM guard compares nll_gists with nll_none and nll_raw. per_row=True adds
-    "rows": {name: each row's mean NLL} (what a confidence interval resamples).
-    """
-    wte = gpt.transformer.wte
-    B = x.size(0)
-    levels = build_gists(gistnet, wte(x[:, :s]), cfg)
-    readers = [GistLevels(x[b, :s], [None] + [lv[b] for lv in levels[1:]]) for b in range(B)]
-    keep = s - tail_start(s, cfg)
-    out, rows = {}, {}
-    for name in ("raw", "gists", "dropped", "none"):
-        if name == "raw":
-            parts = [wc_part(all_raw(s, cfg), r, wte, cfg) for r in readers]
-        elif name == "gists":
-            parts = [wc_part(coarsest_wc(s, cfg, max_level=level), r, wte, cfg) for r in readers]
-        else:
-            parts = [raw_suffix_part(x[b, :s], keep if name == "dropped" else 0, wte, cfg) for b in range(B)]
-        sums, counts = chunked_row_nll(gpt, parts, x[:, s:], y[:, s:], s, wte, cfg)
-        out[f"nll_{name}"] = float(sums.sum() / counts.sum().clamp_min(1))
-        rows[name] = (sums / counts.clamp_min(1)).tolist()
-    gap = out["nll_dropped"] - out["nll_raw"]
-    out["substitutability"] = (out["nll_dropped"] - out["nll_gists"]) / gap if abs(gap) > 1e-9 else float("nan")
-    return dict(out, rows=rows) if per_row else out
-
-
-@torch.no_grad()
-def lens_pair_agreement(objective, x, y, s, rng):
-    """On held-out rows: LensNet's pair agreement and top-1 against counterfactual delta_nll on
-    recency-pyramid base WCs. Returns {agreement, top1, delta_nll, recency}. It orders LensNet's logits, like
-    training's mc/lens_agreement: tanh(z) rounds to -1 in float32 once z < ~ -9, and a LensNet trained to
-    reject every entry but a needle's ties there, which pair_agreement counts as chance. `recency` is the
-    same agreement for the baseline that ranks the newest gist first (no LensNet): what a LensNet adds is
-    its agreement beyond that, not beyond 0.5. `split_half` orders the deltas measured on the target's
-    second half by those measured on its first half (same candidates): how far the ordering is a property
-    of the history at all. Near 0.5, which expansion helps depends on the very tokens being predicted, and
-    no scorer that cannot see them (LensNet cannot) orders the full-target deltas much better."""
-    rng = _as_rng(rng)
-    readers = objective.readers(x, s)
-    twins = [copy.deepcopy(rng) for _ in range(2)]  # the halves' calls draw the same candidates as the full one
-    bases, delta, legal, _ = objective.counterfactuals(x, y, s, readers, rng, base="pyramid")
-    mid = s + (y.size(1) - s) // 2
-    first, second = y.clone(), y.clone()
-    first[:, mid:], second[:, s:mid] = -1, -1  # labels -1 are not scored
-    halves = [objective.counterfactuals(x, h, s, readers, r, base="pyramid")[1] for h, r in zip((first, second), twins)]
-    scores, _ = objective.lensnet.score(bases, readers, objective.wte, logits=True)
-    best = torch.where(legal, delta, torch.full_like(delta, -float("inf"))).max(1).values
-    newest_first = torch.arange(delta.size(1), dtype=torch.float32).expand_as(delta)  # WC entries are in time order
-    return {"agreement": pair_agreement(scores, delta, legal), "top1": _top1(scores, delta, legal),
-            "delta_nll": float(best[legal.any(1)].mean()) if legal.any() else float("nan"),
-            "recency": pair_agreement(newest_first, delta, legal), "split_half": pair_agreement(*halves, legal)}
-
-
-__all__ = ["MCObjective", "split_point", "coarsest_wc", "random_mix", "focus_wc", "expand", "pack", "packed_nll",
-           "row_nll", "wc_part", "raw_suffix_part", "lens_loss", "lens_targets", "pair_agreement",
-           "gist_substitutability", "lens_pair_agreement", "entry_spans"]
+__all__ = ["MCObjective", "split_point", "as_rng", "random_mix", "lens_loss", "lens_targets", "bow_loss",
+           "pair_agreement", "top1_share"]

@@ -1,5 +1,5 @@
 """
-Context builders for the long-context evaluation (DESIGN.md section 10): every way of showing the
+Context builders for the long-context evaluation (docs/architecture.md): every way of showing the
 GPT a history of N tokens through a fixed budget, so that `scripts/mc_eval.py` can compare them on
 the same examples.
 
@@ -18,7 +18,7 @@ cfg)` input slots, the cost of the recency pyramid (the largest cost <= budget t
 context reaches; every expansion costs K - 1, so a WC cannot always fill the budget to the slot).
 The raw baselines take exactly L tokens. LensNet focus (FOCUSED) expands until no expansion fits,
 which lands on the same cost, unless it stops early: once it has opened a block it opens only that
-block's neighbours (retrieval.lens_focus). `Context.slots` is what the tests count.
+block's neighbours (focus.question_focus). `Context.slots` is what the tests count.
 
 A Context is read by `greedy_decode` (exact-match tasks) or `continuation_nll` (long-document loss);
 tokens read after a context continue its positions (slot index, or the absolute token index under
@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
 from megacontext.gistnet import GistLevels, at_children_scale, build_gists
-from megacontext.retrieval import lens_focus
+from megacontext.focus import question_focus
 from megacontext.positions import wc_positions
 from megacontext.working_context import (all_raw, entry_spans, recency_pyramid, wc_cost, wc_slot_embeddings)
 
 METHODS = ("truncation", "sinks", "mean_pool", "mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian",
            "full")
 MC_METHODS = ("mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian")  # need the MC nets
-FOCUSED = ("mc_lensnet", "megacontext", "megacontext_gaussian")  # lens_focus: at most L slots, not exactly L
+FOCUSED = ("mc_lensnet", "megacontext", "megacontext_gaussian")  # question_focus: at most L slots, not exactly L
 SINKS = 4  # attention-sink tokens kept from the start (StreamingLLM keeps 4)
 
 
@@ -187,9 +187,9 @@ def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet
             pyramid = pyramid or pyramid_or_raw(n, budget, cfg)
             out[m] = wc_context(pyramid, tree, wte, cfg, cfg.positions)
         elif m == "mc_lensnet":
-            out[m] = wc_context(lens_focus(n, budget, cfg, lensnet, tree, wte), tree, wte, cfg, "slot")
+            out[m] = wc_context(question_focus(n, budget, cfg, lensnet, tree, wte), tree, wte, cfg, "slot")
         elif m in ("megacontext", "megacontext_gaussian"):
-            focused = focused or lens_focus(n, budget, cfg, lensnet, tree, wte, reranker)
+            focused = focused or question_focus(n, budget, cfg, lensnet, tree, wte, reranker)
             out[m] = wc_context(focused, tree, wte, cfg, "slot" if m == "megacontext" else "gaussian")
         else:
             raise ValueError(f"unknown method {m!r}; known: {METHODS}")

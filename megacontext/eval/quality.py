@@ -1,5 +1,5 @@
 """
-Gist quality and LensNet agreement on held-out text (the training-proof figures of issue 6), for
+Gist quality and LensNet agreement on held-out text (the figures that show what training bought), for
 scripts/mc_eval.py's `quality` task, and the token windows of held-out text that it and the long-doc
 task read.
 
@@ -133,7 +133,8 @@ def run_quality(models, texts, target, n_docs, seed, batch=QUALITY_BATCH, progre
     (`lens_pair_agreement`) row by row. {"level_1", "level_2", "lens", "reasons"}; see the module docstring.
     """
     from tqdm import tqdm
-    from megacontext.objective import MCObjective, gist_substitutability, lens_pair_agreement
+    from megacontext.eval.metrics import gist_substitutability, lens_pair_agreement
+    from megacontext.training.objective import MCObjective
     from nanochat.common import autocast_ctx
     gpt, gistnet, lensnet, tok, cfg = models.gpt, models.gistnet, models.lensnet, models.tok, models.cfg
     seq_len = gpt.config.sequence_len

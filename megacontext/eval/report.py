@@ -6,7 +6,7 @@ quality figures, the slot/gaussian verdict, where MegaContext loses), the summar
 import math
 import os
 
-from megacontext.quality import quality_markdown, quality_problems
+from megacontext.eval.quality import quality_markdown, quality_problems
 
 EXACT_TASKS = ("passkey", "needle", "kv_recall")
 BASELINES = ("truncation", "sinks", "mean_pool")
@@ -18,7 +18,7 @@ def mean_or_none(xs):
 
 
 def validate_result(res):
-    """Raise ValueError naming what breaks the documented JSON shape (DESIGN.md section 12)."""
+    """Raise ValueError naming what breaks the documented JSON shape (docs/architecture.md)."""
     problems = []
 
     def number_or_null(v):
@@ -195,7 +195,7 @@ def headline(res):
 
 
 def write_plots(res, out_dir):
-    from nanochat.plots import plot_accuracy_vs_multiple, plot_depth_heatmap
+    from megacontext.eval.plots import plot_accuracy_vs_multiple, plot_depth_heatmap
     paths = {"passkey": plot_accuracy_vs_multiple(res["passkey"], os.path.join(out_dir, "mc_eval_passkey.png"))}
     if res.get("passkey_depth"):
         paths["depth"] = plot_depth_heatmap(depth_grid(res), os.path.join(out_dir, "mc_eval_depth.png"),

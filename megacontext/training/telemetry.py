@@ -1,5 +1,5 @@
 """
-Telemetry for MegaContext training (DESIGN.md section 8): average metrics over a logging window,
+Telemetry for MegaContext training (docs/architecture.md): average metrics over a logging window,
 time the phases of a step, and format the result for wandb and for the report.
 
     win = MetricWindow()
