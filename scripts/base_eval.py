@@ -1,10 +1,17 @@
 """
-Evaluate a base model offline: bits per byte on the validation shard, a cloze accuracy made from
-the validation shard, and a few greedy samples.
+Evaluate a base model: bits per byte on the validation shard, a cloze accuracy made from the
+validation shard, the DCLM CORE metric (as nanochat reports it, see nanochat/core_eval.py), and a
+few greedy samples.
 
     python -m scripts.base_eval                          # the largest base model, last step
     python -m scripts.base_eval --model-tag d4 --cloze-items 200
+    python -m scripts.base_eval --core on --core-max-per-task 100   # a quick, approximate CORE
     torchrun --nproc_per_node=8 -m scripts.base_eval     # DDP: work is split over ranks
+
+CORE needs the eval bundle in $NANOCHAT_BASE_DIR/eval_bundle. --core auto (the default) downloads it
+on CUDA machines unless NANOCHAT_OFFLINE=1 or HF_HUB_OFFLINE=1 is set; elsewhere it runs CORE only
+when the bundle is already there, and otherwise skips it with a note. --core on requires it
+(downloading it if it can), --core off skips it, --core-bundle DIR uses an unzipped bundle elsewhere.
 
 Cloze: an item is the first --cloze-context tokens of a validation document (after <|bos|>) and
 --cloze-choices candidate continuations of --cloze-continuation tokens: the document's true next
@@ -14,13 +21,14 @@ lowest summed loss. Chance is 1/choices; a model that has learned anything about
 function of the validation shard, the tokenizer and --seed, so runs compare.
 """
 import argparse
+import os
 import random
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, print0, autocast_ctx,
-                             autodetect_device_type)
+                             autodetect_device_type, get_base_dir)
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -104,6 +112,11 @@ def get_args(argv=None):
     p.add_argument("--cloze-context", type=int, default=32, help="context tokens per item")
     p.add_argument("--cloze-continuation", type=int, default=8, help="tokens per candidate continuation")
     p.add_argument("--cloze-choices", type=int, default=4, help="candidates per item")
+    p.add_argument("--core", choices=["auto", "on", "off"], default="auto",
+                   help="the CORE metric: auto = when the bundle is there (downloaded on CUDA), on = required, off")
+    p.add_argument("--core-bundle", default=None, metavar="DIR",
+                   help="an unzipped eval bundle (default: $NANOCHAT_BASE_DIR/eval_bundle)")
+    p.add_argument("--core-max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per sample")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -119,10 +132,63 @@ def main(argv=None):
         compute_cleanup()
 
 
+def resolve_core_bundle(mode, bundle_arg, device_type, ddp=False, rank=0):
+    """
+    (bundle directory or None, note on why not) for --core / --core-bundle. Decided before the model is
+    loaded, so that `--core on` without a bundle fails at once. Only `auto` on CUDA and `on` may download.
+    Under DDP rank 0 decides (and downloads) and the other ranks take its outcome, so that all agree.
+    """
+    from nanochat.core_eval import is_bundle, default_bundle_dir, ensure_eval_bundle, network_disabled
+
+    def decide():  # -> (path, note, error)
+        if mode == "off":
+            return None, "off (--core off)", None
+        if bundle_arg:
+            if not is_bundle(bundle_arg):
+                return None, None, (f"--core-bundle {bundle_arg} is not a CORE eval bundle "
+                                    "(it needs core.yaml, eval_meta_data.csv and eval_data/)")
+            return os.path.abspath(bundle_arg), None, None
+        base_dir = get_base_dir()
+        dest = default_bundle_dir(base_dir)
+        if is_bundle(dest):
+            return dest, None, None
+        if mode == "auto" and (device_type != "cuda" or network_disabled()):
+            why = "not on CUDA" if device_type != "cuda" else f"{network_disabled()} is set"
+            return None, (f"skipped: no eval bundle at {dest}, and --core auto does not download it ({why}); "
+                          "--core on downloads it, --core-bundle DIR uses a copy"), None
+        try:
+            return ensure_eval_bundle(base_dir), None, None
+        except UserError as e:
+            if mode == "on":
+                return None, None, str(e)
+            return None, f"skipped: {e}", None
+
+    outcome = list(decide()) if rank == 0 else [None, None, None]
+    if ddp and dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    path, note, error = outcome
+    if error is not None:
+        raise UserError(error)
+    if path is not None and not is_bundle(path):  # rank 0 has it, but this rank's machine does not
+        raise UserError(f"rank {rank} cannot see the CORE eval bundle at {path}: "
+                        "put a copy there or pass --core-bundle")
+    return path, note
+
+
+def _core_table(core):
+    from nanochat.report import markdown_table
+    return markdown_table(
+        ["Task", "Type", "Shots", "Examples", "Random baseline %", "Accuracy", "Centered"],
+        [[t["label"], t["task_type"], t["num_fewshot"], t["num_examples"], t["random_baseline"],
+          core["results"][t["label"]], core["centered_results"][t["label"]]] for t in core["tasks"]]
+        + [["CORE", "", "", "", "", "", core["core_metric"]]])
+
+
 def _evaluate(args, ddp, rank, world_size, device):
     from nanochat.tokenizer import get_token_bytes
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.dataset import parquets_iter_batched
+    core_bundle, core_note = resolve_core_bundle(args.core, args.core_bundle, device.type, ddp, rank)
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     print0(f"base model step {meta.get('step')} | parameters: {model.num_params():,}")
     results = {}
@@ -149,6 +215,18 @@ def _evaluate(args, ddp, rank, world_size, device):
         results[f"Cloze accuracy ({args.cloze_choices} choices)"] = acc
         print0(f"cloze accuracy: {100 * acc:.2f}% over {int(t[1])} items (chance {100 / args.cloze_choices:.1f}%)")
 
+    # ---- CORE (DCLM), as nanochat computes it
+    core = None
+    if core_bundle is not None:
+        from nanochat.core_eval import evaluate_core
+        print0(f"CORE: eval bundle {core_bundle}")
+        core = evaluate_core(model, tokenizer, core_bundle, max_per_task=args.core_max_per_task)
+        results["CORE metric"] = core["core_metric"]
+        print0(_core_table(core), end="")
+        print0(f"CORE metric: {core['core_metric']:.4f}")
+    else:
+        print0(f"CORE: {core_note}")
+
     # ---- greedy samples
     samples = []
     if rank == 0:
@@ -161,10 +239,16 @@ def _evaluate(args, ddp, rank, world_size, device):
 
     if rank == 0:
         from nanochat.report import get_report
+        core_section = f"CORE: {core_note}"
+        if core is not None:
+            cap = "all" if args.core_max_per_task <= 0 else f"at most {args.core_max_per_task}"
+            core_section = (f"CORE ({len(core['tasks'])} tasks, {cap} examples per task, eval bundle {core_bundle}):"
+                            "\n\n" + _core_table(core))
         get_report().log(section="Base model evaluation", data=[
             {"model tag": args.model_tag or "(largest)", "checkpoint step": meta.get("step"),
              "bpb eval tokens": steps * B * T * world_size, "cloze items": args.cloze_items},
             results,
+            core_section,
             "Samples (greedy):\n```\n" + "\n".join(repr(s) for s in samples) + "\n```",
         ])
     return results
