@@ -157,9 +157,43 @@ class DummyWandb:
         pass
 
 
+def wandb_credentials():
+    """Whether wandb can log in without asking: WANDB_API_KEY, or the netrc entry `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(netrc, encoding="utf-8") as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
+
+
+class WandbRun:
+    """A wandb run whose x-axis is the training step: every log call names its step (the dict's "step"), so
+    validation and training metrics logged at one step land on it, and wandb's own counter never drifts."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def log(self, data, step=None):
+        step = data.get("step") if step is None else step
+        self.run.log(data, step=None if step is None else int(step))
+
+    def finish(self):
+        self.run.finish()
+
+
 def init_wandb(run, project, config, master_process=True):
-    """A real wandb run when `run` names one (WANDB_MODE=offline works), otherwise a dummy."""
+    """A real wandb run when `run` names one, otherwise a dummy. Without credentials (and no WANDB_MODE set)
+    it logs offline with a note instead of prompting: a prompt inside screen or under torchrun would hang
+    every rank."""
     if run == "dummy" or not master_process:
         return DummyWandb()
     import wandb
-    return wandb.init(project=project, name=run, config=config)
+    mode = os.environ.get("WANDB_MODE")
+    if not mode and not wandb_credentials():
+        mode = "offline"
+        print(f"wandb: no credentials (WANDB_API_KEY or `wandb login`): logging run {run!r} offline under "
+              f"./wandb; upload it later with `wandb sync`")
+    return WandbRun(wandb.init(project=project, name=run, config=config, mode=mode))

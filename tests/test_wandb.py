@@ -84,11 +84,24 @@ def test_offline_run_logs_metrics(tiny_base_env, tmp_path):
     assert ("tiny-offline", "nanochat") in names
     train_rows = [h for h in history if "train/loss" in h]
     assert [h["step"] for h in train_rows] == [1, 2, 3, 4]
+    # wandb's own step is the training step: validation rows do not push the train rows along the x-axis
+    assert all(h["_step"] == h["step"] for h in history if "step" in h), history
     assert len([h for h in history if "val/bpb" in h]) >= 2
     # the logged loss is the one the script printed
     printed = re.findall(r"step 00004/00004 .*?loss: ([0-9.]+)", out.stdout)
     assert printed, out.stdout[-2000:]
     assert abs(train_rows[-1]["train/loss"] - float(printed[-1])) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_named_run_without_credentials_logs_offline_instead_of_prompting(tiny_base_env, tmp_path):
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()  # no ~/.netrc: `wandb login` never ran here
+    out = train(tiny_base_env, work, "--run=no-key", "--num-iterations=1", env_extra={"HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no credentials" in out.stdout and "wandb sync" in out.stdout
+    assert len(glob.glob(str(work / "wandb" / "offline-run-*"))) == 1
 
 
 @pytest.mark.slow
