@@ -4,6 +4,7 @@
 #
 #   bash run10.sh --dry-run
 #   WANDB_RUN=d10 screen -L -Logfile run10.log -S run10 bash run10.sh
+# MegaContext is on (--no-mc trains the plain baseline). Re-running the script continues an interrupted run.
 NAME=run10.sh
 DESCRIPTION="The small run: depth 10 on one GPU, a few hours, tokenizer to chat model and report."
 NPROC=${NPROC:-1}

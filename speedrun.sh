@@ -4,7 +4,9 @@
 #
 #   bash speedrun.sh --dry-run       # print the plan
 #   WANDB_RUN=speedrun screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
+#   bash speedrun.sh --smoke         # the same pipeline at toy size on this machine's CPU (a few minutes)
 #
+# MegaContext is on (--no-mc trains the plain baseline). Re-running the script continues an interrupted run.
 # Everything lands in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); see SETUP.md.
 NAME=speedrun.sh
 DESCRIPTION="The speedrun: depth 20 on 8xH100, about 4 hours, tokenizer to chat model and report."

@@ -4,22 +4,26 @@
 #
 #   NAME DESCRIPTION     for --help
 #   NPROC                GPUs (torchrun processes; 1 = plain python)
-#   DEPTH                the model size dial of base_train
+#   DEPTH                the model size dial of base_train (MegaContext's sizes follow the sequence length)
 #   NUM_SHARDS           FineWeb-Edu shards to download (the last one is validation)
 #   TOK_TRAIN_ARGS BASE_TRAIN_ARGS MID_TRAIN_ARGS SFT_ARGS CHAT_EVAL_ARGS   extra flags (bash arrays)
+#   MC_DEVICE_BATCH      rows per micro-step of base_train and mid_train with MegaContext (default 8: memory)
 #
-# Flags: --dry-run prints every command of the plan, one per line on stdout, and runs nothing
-# (progress notes go to stderr); --mc trains with MegaContext (see MC_FLAGS below; MC_EXTRA_FLAGS,
-# a bash array, adds --mc-* flags to base_train, whose MCConfig the later stages inherit).
-# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds everything the run makes;
-# WANDB_RUN names a wandb run (default "dummy": no wandb).
+# Flags: --dry-run prints every command of the plan, one per line on stdout, and runs nothing (progress
+# notes go to stderr); MegaContext is on by default and --no-mc trains the plain baseline; --smoke runs the
+# same pipeline on this machine's CPU at toy size (2 torchrun ranks over gloo, the offline corpus, a few
+# steps of every stage) as a test of the pipeline itself.
+# Re-running a script continues: finished stages are skipped (a marker per stage under
+# $NANOCHAT_BASE_DIR/pipeline/), downloaded shards are verified and kept, and an interrupted training
+# stage resumes from its last checkpoint (--resume=auto).
+# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds everything the run makes; WANDB_RUN names
+# a wandb run (default "dummy": no wandb); TORCH_VERSION / TORCH_INDEX_URL choose the torch build.
 
 DRY_RUN=0
-MC=0
-MC_FLAGS=()
-MC_BASE_FLAGS=()
-MC_MID_FLAGS=()
-MC_EXTRA_FLAGS=("${MC_EXTRA_FLAGS[@]}")
+MC=1
+SMOKE=0
+RESTART=0
+TORCH_VERSION=${TORCH_VERSION:-2.11.0}  # the version the CUDA path has run on (one H100, dev/LOG.md)
 BG_PIDS=()
 
 note() { echo "[$NAME] $*" >&2; }
@@ -27,16 +31,25 @@ die() { echo "[$NAME] error: $*" >&2; exit 2; }
 
 usage() {
   cat <<EOF
-usage: bash $NAME [--dry-run] [--mc]
+usage: bash $NAME [--dry-run] [--no-mc] [--smoke] [--restart]
 
 $DESCRIPTION
 
   --dry-run   print the commands of the plan, one per line, and run nothing
-  --mc        train with MegaContext (learned context compression)
+  --no-mc     train the plain baseline (MegaContext, learned context compression, is on by default)
+  --mc        MegaContext on (the default; kept for older command lines)
+  --smoke     the same pipeline at toy size on this machine's CPU: 2 torchrun ranks over gloo, the offline
+              corpus, a few steps of every stage, the evaluations and the report (a few minutes)
+  --restart   forget which stages finished and run them all again (checkpoints and data are kept)
   -h, --help  this help
 
-Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_RUN (default dummy = no wandb),
-WANDB_API_KEY (for wandb), NPROC (GPUs to use, default $NPROC).
+Re-running the script continues where it stopped: finished stages are skipped, an interrupted training
+stage resumes from its last checkpoint.
+
+Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat; --smoke: ~/.cache/nanochat-smoke), WANDB_RUN
+(default dummy = no wandb), WANDB_API_KEY (without it a named run logs offline), NPROC (GPUs to use, default
+$NPROC), TORCH_VERSION (default $TORCH_VERSION) and TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu126
+for an older driver).
 EOF
 }
 
@@ -45,6 +58,9 @@ parse_args() {
     case "$arg" in
       --dry-run) DRY_RUN=1 ;;
       --mc) MC=1 ;;
+      --no-mc) MC=0 ;;
+      --smoke) SMOKE=1 ;;
+      --restart) RESTART=1 ;;
       -h|--help) usage; exit 0 ;;
       *) usage >&2; die "unknown argument: $arg" ;;
     esac
@@ -103,7 +119,7 @@ setenv() {  # export NAME=VALUE (printed in the plan: later commands depend on i
   fi
 }
 
-launch() {  # a python module on all NPROC GPUs (torchrun), or as plain python when NPROC=1
+launch() {  # a python module on all NPROC processes (torchrun), or as plain python when NPROC=1
   local module=$1
   shift
   if [ "$NPROC" -gt 1 ]; then
@@ -115,49 +131,129 @@ launch() {  # a python module on all NPROC GPUs (torchrun), or as plain python w
   fi
 }
 
+# --- stages: a marker per finished stage, so that re-running the script skips it -------------------
+
+stage() {  # stage NAME COMMAND...: run the command unless the stage finished in an earlier run
+  local name=$1
+  shift
+  if [ "$DRY_RUN" != 1 ] && [ -f "$DONE_DIR/$name.done" ]; then
+    note "skip $name: finished in an earlier run (--restart runs every stage again)"
+    return 0
+  fi
+  "$@"
+  [ "$DRY_RUN" = 1 ] || touch "$DONE_DIR/$name.done"
+}
+
+open_stages() {  # the marker directory; a base dir that holds another plan's markers is refused
+  DONE_DIR="$BASE_DIR/pipeline/$NAME"
+  local plan="mc=$MC smoke=$SMOKE depth=$DEPTH nproc=$NPROC"
+  [ "$DRY_RUN" = 1 ] && return 0
+  [ "$RESTART" = 1 ] && rm -rf "$DONE_DIR"
+  mkdir -p "$DONE_DIR"
+  if [ -f "$DONE_DIR/plan" ] && [ "$(cat "$DONE_DIR/plan")" != "$plan" ]; then
+    die "$BASE_DIR holds a $NAME run with other settings ($(cat "$DONE_DIR/plan"); this one: $plan):
+use another NANOCHAT_BASE_DIR, or --restart to run every stage again there"
+  fi
+  echo "$plan" > "$DONE_DIR/plan"
+  if ls "$DONE_DIR"/*.done >/dev/null 2>&1; then
+    note "continuing the run in $BASE_DIR: $(ls "$DONE_DIR"/*.done | wc -l) stages already finished"
+  fi
+}
+
+# --- the machine ------------------------------------------------------------------------------------
+
 check_machine() {
   [ "$DRY_RUN" = 1 ] && return 0
+  [ "$SMOKE" = 1 ] && return 0
   command -v nvidia-smi >/dev/null 2>&1 ||
-    die "no NVIDIA GPU found (nvidia-smi is missing): $NAME is for GPU machines (see SETUP.md)"
+    die "no NVIDIA GPU found (nvidia-smi is missing): $NAME is for GPU machines (see SETUP.md; --smoke runs it at toy size on a CPU)"
   local n
   n=$(nvidia-smi -L | grep -c '^GPU')
   [ "$n" -ge "$NPROC" ] || die "$NAME uses $NPROC GPUs but this machine has $n (set NPROC=$n to use them, for a longer run)"
 }
 
+check_torch_cuda() {  # after the install: torch must see the GPUs, or the run would start NPROC CPU processes
+  [ "$DRY_RUN" = 1 ] && return 0
+  [ "$SMOKE" = 1 ] && return 0
+  local seen driver_cuda torch_cuda
+  seen=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  [ "$seen" -ge "$NPROC" ] && return 0
+  driver_cuda=$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | grep -o '[0-9.]*$' || echo unknown)
+  torch_cuda=$(python -c 'import torch; print(torch.version.cuda)' 2>/dev/null || echo unknown)
+  die "torch $TORCH_VERSION (built for CUDA $torch_cuda) sees $seen of $NPROC GPUs; the NVIDIA driver supports CUDA \
+$driver_cuda. Install a torch built for the driver, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 \
+bash $NAME (cu126 needs a driver >= 560, cu128 >= 570, cu130 >= 580), or update the driver (see SETUP.md)"
+}
+
 setup_env() {
   setenv OMP_NUM_THREADS 1
-  setenv NANOCHAT_BASE_DIR "${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-  run mkdir -p "${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-  # the virtual environment: torch first (PyPI's Linux wheel is the CUDA build), then this package
-  [ -x .venv/bin/python ] || run python3 -m venv .venv
-  run .venv/bin/pip install --upgrade pip
-  run .venv/bin/pip install torch
-  run .venv/bin/pip install -e .
-  if [ "$DRY_RUN" = 1 ]; then
-    echo "source .venv/bin/activate"
+  if [ "$SMOKE" = 1 ]; then
+    BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-smoke}
+    setenv NANOCHAT_BASE_DIR "$BASE_DIR"
+    setenv HF_HUB_OFFLINE 1
+    # the CPU build of torch from dev/setup.sh, as the tests use
+    if [ "$DRY_RUN" = 1 ]; then
+      echo "source dev/setup.sh"
+    else
+      # shellcheck disable=SC1091
+      source dev/setup.sh
+    fi
   else
-    # shellcheck disable=SC1091
-    source .venv/bin/activate
+    BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+    setenv NANOCHAT_BASE_DIR "$BASE_DIR"
+    # the virtual environment: a pinned torch first (PyPI's Linux wheel is a CUDA build), then this package
+    [ -x .venv/bin/python ] || run python3 -m venv .venv
+    run .venv/bin/pip install --upgrade pip
+    run .venv/bin/pip install "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    run .venv/bin/pip install -e .
+    if [ "$DRY_RUN" = 1 ]; then
+      echo "source .venv/bin/activate"
+    else
+      # shellcheck disable=SC1091
+      source .venv/bin/activate
+    fi
   fi
+  run mkdir -p "$BASE_DIR"
+  check_torch_cuda
   WANDB_RUN=${WANDB_RUN:-dummy}
-  if [ "$WANDB_RUN" != dummy ] && [ -z "${WANDB_API_KEY:-}" ] && [ "${WANDB_MODE:-}" != offline ]; then
-    note "WANDB_RUN=$WANDB_RUN but WANDB_API_KEY is not set: wandb will use the credentials of 'wandb login'"
-  fi
+}
+
+# --- sizes ------------------------------------------------------------------------------------------
+
+smoke_sizes() {  # --smoke: every stage at toy size, 2 ranks, the offline corpus
+  NPROC=2
+  DEPTH=2
+  local T=256 B=2
+  local TOTAL=$((B * T * NPROC))
+  TOK_TRAIN_ARGS=(--vocab-size=1024)
+  BASE_TRAIN_ARGS=(--max-seq-len=$T --device-batch-size=$B --total-batch-size=$TOTAL --num-iterations=4
+                   --eval-every=2 --eval-tokens=$TOTAL --sample-every=-1 --head-dim=64 --save-every=2)
+  BASE_LOSS_ARGS=(--device-batch-size=$B --max-seq-len=$T --split-tokens=$TOTAL)
+  BASE_EVAL_ARGS=(--max-seq-len=$T --eval-tokens=$TOTAL --cloze-items=8)
+  MID_TRAIN_ARGS=(--mixture=offline --max-seq-len=$T --device-batch-size=$B --total-batch-size=$TOTAL
+                  --num-iterations=3 --eval-every=0 --eval-tokens=$TOTAL)
+  SFT_ARGS=(--mixture=offline --max-seq-len=$T --device-batch-size=$B --num-iterations=2 --eval-every=0
+            --eval-steps=1 --eval-metrics-every=-1)
+  CHAT_EVAL_ARGS=(--task-name=offline --max-problems=4 --max-new-tokens=16)
+  MC_EVAL_ARGS=(--quick --trials=2 --needle-trials=2 --multiples=1,4 --docs=2)
+  MC_BENCH_ARGS=(--histories=1000,4000 --decode-tokens=16 --rounds=1 --refocus-events=2 --full-kv-max=1000)
+  MC_MID_EXTRA=(--mc-mix-multiples=1,4)
+  MC_BATCH=()
+}
+
+mc_flags() {  # the MegaContext part of each command (empty arrays with --no-mc)
+  MC_BASE_FLAGS=() MC_MID_FLAGS=() MC_SFT_FLAGS=()
+  MC_EVAL_FLAGS=(--baselines-only)
   if [ "$MC" = 1 ]; then
-    # MegaContext: the flags appended to the training commands (base_train, mid_train, chat_sft).
-    # base_train builds GistNet + LensNet and stores them with the MCConfig (the --mc-* flags, here
-    # the defaults: budget 512, K=32); mid_train and chat_sft load them from the previous stage and
-    # take the MCConfig from its checkpoint, mid_train also mixing the long-context tasks in.
-    # MC_EXTRA_FLAGS (a bash array a run script may set) adds e.g. --mc-budget=1024 to base_train.
-    # Measured on one H100 at depth 20, T=2048, V=65536 (dev/bench_train.py, dev/LOG.md, 2026-11-22, 'the first CUDA runs'):
-    # the MCConfig defaults (4 variants, a counterfactual for every gist, every row) ran out of its 80 GB at
-    # 8 rows per micro-step; 2 variants, 4 counterfactuals and the objective on 2 of 8 rows peaked at 53 GB
-    # and cost ~4.7x a plain step (the rest of the rows train plain LM). Hence 8 rows per micro-step under
-    # --mc (the total batch, and so the tokens per step, stay the run's: more accumulation steps).
-    MC_FLAGS=(--mc)
-    MC_BASE_FLAGS=(--mc --device-batch-size=8 --mc-train-variants=pyramid,lens --mc-lens-cands=4
-                   --mc-train-rows=2 "${MC_EXTRA_FLAGS[@]}")
-    MC_MID_FLAGS=(--mc --device-batch-size=8)
+    # --mc and the memory dials only: every other MegaContext knob is MCConfig's default recipe, sized from the
+    # sequence length (budget = T, tail T/8, training histories 3T/8), and mid_train and chat_sft inherit the
+    # base checkpoint's config. On one H100 at depth 20 the objective on every row of a 32-row micro-step ran
+    # out of 80 GB: 8 rows per micro-step, the objective on a quarter of them (2.0x a plain step, 37 GB peak;
+    # dev/LOG.md, 2026-11-23, 'on the H100, neither a deeper GPT'). The total batch stays the run's.
+    MC_BASE_FLAGS=(--mc "${MC_BATCH[@]}" "${MC_BASE_MEMORY[@]}")
+    MC_MID_FLAGS=(--mc "${MC_BATCH[@]}" "${MC_MID_EXTRA[@]}")
+    MC_SFT_FLAGS=(--mc)
+    MC_EVAL_FLAGS=()
   fi
 }
 
@@ -166,7 +262,14 @@ pipeline_main() {
   # the extra-flag arrays a run script left unset are empty (set -u below would reject them)
   TOK_TRAIN_ARGS=("${TOK_TRAIN_ARGS[@]}") BASE_TRAIN_ARGS=("${BASE_TRAIN_ARGS[@]}")
   MID_TRAIN_ARGS=("${MID_TRAIN_ARGS[@]}") SFT_ARGS=("${SFT_ARGS[@]}") CHAT_EVAL_ARGS=("${CHAT_EVAL_ARGS[@]}")
-  if [ "$MC" = 1 ]; then  # --mc sets its own rows per micro-step: one --device-batch-size per command
+  BASE_LOSS_ARGS=() BASE_EVAL_ARGS=() MC_EVAL_ARGS=() MC_BENCH_ARGS=() MC_MID_EXTRA=()
+  MC_BATCH=(--device-batch-size="${MC_DEVICE_BATCH:-8}") MC_BASE_MEMORY=(--mc-train-row-share=0.25)
+  if [ "$SMOKE" = 1 ]; then
+    smoke_sizes
+    MC_BASE_MEMORY=()
+  fi
+  mc_flags
+  if [ "$MC" = 1 ] && [ ${#MC_BATCH[@]} -gt 0 ]; then  # --mc sets its own rows per micro-step: one per command
     mapfile -t BASE_TRAIN_ARGS < <(without_batch_size "${BASE_TRAIN_ARGS[@]}")
     mapfile -t MID_TRAIN_ARGS < <(without_batch_size "${MID_TRAIN_ARGS[@]}")
   fi
@@ -174,36 +277,47 @@ pipeline_main() {
   check_machine
   set -euo pipefail
   [ "$DRY_RUN" = 1 ] && note "dry run: the commands below are printed, not run"
+  [ "$MC" = 1 ] || note "--no-mc: the plain baseline (no MegaContext); mc_eval runs its baselines only"
   setup_env
+  open_stages
 
-  note "report: start a new report card"
-  run python -m nanochat.report reset
+  stage report-reset run python -m nanochat.report reset
 
-  note "data + tokenizer: 8 shards for the tokenizer now, the rest in the background"
-  run python -m nanochat.dataset -n 8
-  run_bg python -m nanochat.dataset -n "$NUM_SHARDS"
-  run python -m scripts.tok_train "${TOK_TRAIN_ARGS[@]}"
-  run python -m scripts.tok_eval
+  if [ "$SMOKE" = 1 ]; then
+    note "data: the offline corpus"
+    stage data run python -m nanochat.dataset --offline
+  else
+    note "data + tokenizer: 8 shards for the tokenizer now, the rest in the background (verified, kept on re-runs)"
+    run python -m nanochat.dataset -n 8
+    run_bg python -m nanochat.dataset -n "$NUM_SHARDS"
+  fi
+  stage tokenizer run python -m scripts.tok_train "${TOK_TRAIN_ARGS[@]}"
+  stage tok-eval run python -m scripts.tok_eval
   wait_bg
 
   note "pretraining"
-  launch scripts.base_train --depth="$DEPTH" --run="$WANDB_RUN" "${BASE_TRAIN_ARGS[@]}" "${MC_BASE_FLAGS[@]}"
-  launch scripts.base_loss
-  launch scripts.base_eval
+  stage base-train launch scripts.base_train --depth="$DEPTH" --run="$WANDB_RUN" --resume=auto \
+    "${BASE_TRAIN_ARGS[@]}" "${MC_BASE_FLAGS[@]}"
+  stage base-loss launch scripts.base_loss "${BASE_LOSS_ARGS[@]}"
+  stage base-eval launch scripts.base_eval "${BASE_EVAL_ARGS[@]}"
 
-  note "midtraining (chat format, tools, skills)"
-  launch scripts.mid_train --run="$WANDB_RUN" "${MID_TRAIN_ARGS[@]}" "${MC_MID_FLAGS[@]}"
-  launch scripts.chat_eval --source=mid "${CHAT_EVAL_ARGS[@]}"
+  note "midtraining (chat format, tools, skills; with MegaContext the long-context tasks too)"
+  stage mid-train launch scripts.mid_train --run="$WANDB_RUN" --resume=auto "${MID_TRAIN_ARGS[@]}" \
+    "${MC_MID_FLAGS[@]}"
+  stage mid-eval launch scripts.chat_eval --source=mid "${CHAT_EVAL_ARGS[@]}"
 
   note "supervised fine-tuning"
-  launch scripts.chat_sft --run="$WANDB_RUN" "${SFT_ARGS[@]}" "${MC_FLAGS[@]}"
-  launch scripts.chat_eval --source=sft "${CHAT_EVAL_ARGS[@]}"
+  stage sft launch scripts.chat_sft --run="$WANDB_RUN" --resume=auto "${SFT_ARGS[@]}" "${MC_SFT_FLAGS[@]}"
+  stage sft-eval launch scripts.chat_eval --source=sft "${CHAT_EVAL_ARGS[@]}"
 
   note "MegaContext evaluation and benchmark"
-  run python -m scripts.mc_eval --source=sft
-  run python -m scripts.mc_bench
+  stage mc-eval run python -m scripts.mc_eval --source=sft --run="$WANDB_RUN" "${MC_EVAL_FLAGS[@]}" \
+    "${MC_EVAL_ARGS[@]}"
+  if [ "$MC" = 1 ]; then
+    stage mc-bench run python -m scripts.mc_bench --source=sft "${MC_BENCH_ARGS[@]}"
+  fi
 
   note "report card"
   run python -m nanochat.report generate
-  [ "$DRY_RUN" = 1 ] || note "done: report in $NANOCHAT_BASE_DIR/report/report.md; chat with: python -m scripts.chat_web"
+  [ "$DRY_RUN" = 1 ] || note "done: report in $BASE_DIR/report/report.md; chat with: python -m scripts.chat_web"
 }

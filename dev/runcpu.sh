@@ -22,29 +22,18 @@ SFT_STEPS=${SFT_STEPS:-40}
 # 1x fell from 87 to 63 % and the gists stopped helping on prose at all (dev/LOG.md, 2026-11-22, 'midtraining unlearns prose')
 TEXT_SHARE=${TEXT_SHARE:-0}
 RUN=${WANDB_RUN:-dummy}
-# MegaContext is on by default (MC=0 trains a plain model). A toy budget: 224 working-context slots
-# (at 192 a 64x needle across two level-2 regions did not fit; dev/LOG.md, 2026-11-23, 'budget 224 with neighbour-only focus'), 32 raw tail
-# tokens, training histories under 96 slots (--mc-train-hist-budget, as at 192: pretraining reads only
-# that), and 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
-# head. Pretraining runs the MC objective on every row of 3 batches in 4, with 4 counterfactual
-# expansions per row and the gists' bag-of-words loss: together they make the gists carry what the GPT
-# uses (level-1 substitutability 0.68 instead of 0.42; base val bpb 1.97 instead of 1.88, and ~8 min
-# instead of 3; dev/LOG.md, 2026-11-22, 'midtraining unlearns prose'). Midtraining (MC on 4 rows of every other chat
-# or text batch, as pretraining did before) starts with the copy
-# warm-up (random-token span copies until the GPT copies) and then spends 80 % of its batches on
-# needle tasks (multi-key twice as often as pass keys and key-value recall: the reranker learns from the
-# rows that only the question disambiguates) and corpus text continued
-# after a gisted history (plain LM through the MC objective) at 1-64x the budget. SFT
-# runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
-# the flag the GistNet/LensNet weights are carried through unchanged (speedrun.sh --mc trains them).
-MC_BASE=() MC_MID=() HEADS=()
+# MegaContext is on by default (MC=0 trains a plain model). `--mc` and the size dials only: every other knob is
+# MCConfig's default recipe (megacontext/config.py), sized from the sequence length: budget 256, 32 raw tail
+# tokens, training histories under 96 slots; pretraining runs the objective on every row of 3 batches in 4
+# with 4 counterfactual expansions per row and the gists' bag-of-words loss; midtraining starts with the copy
+# warm-up, then spends 80 % of its batches on needle tasks and corpus text continued after a gisted history at
+# 1-64x the budget. 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
+# head. SFT runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
+# the flag the GistNet/LensNet weights are carried through unchanged (the GPU scripts train them).
+MC_FLAG=() HEADS=()
 if [ "$MC" = 1 ]; then
   HEADS=(--head-dim 64)
-  MC_BASE=(--mc --mc-budget 224 --mc-train-hist-budget 96 --mc-tail-tokens 32 --mc-lens-cands 4
-           --mc-train-variants pyramid,lens --mc-train-plain-lm 0.25 --mc-train-rows 0 --mc-gist-bow-weight 1.0)
-  MC_MID=(--mc --mc-train-plain-lm 0.5 --mc-train-rows 4 --mc-mix-multiples 1,4,16,64 --mc-mix-batch-size 16
-          --mc-mix-share 0.8 --mc-mix-warmup 0.4 --mc-warmup-rows-mult 2
-          --mc-mix-tasks passkey,multikey,multikey,kv_recall,text)
+  MC_FLAG=(--mc)
 fi
 step() { echo; echo "=== $* ==="; }
 t0=$(date +%s)
@@ -59,13 +48,13 @@ python -m scripts.tok_eval
 step "pretraining (depth $DEPTH)"
 python -m scripts.base_train --run "$RUN" --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size 16 \
   --total-batch-size $((16 * SEQ)) --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 65536 \
-  --sample-every 0 --log-every 50 "${HEADS[@]}" "${MC_BASE[@]}"
+  --sample-every 0 --log-every 50 "${HEADS[@]}" "${MC_FLAG[@]}"
 python -m scripts.base_loss --device-batch-size 16 --max-seq-len "$SEQ" --split-tokens 65536
 python -m scripts.base_eval --max-seq-len "$SEQ" --eval-tokens 65536 --cloze-items 100
 step "midtraining"
 python -m scripts.mid_train --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
   --total-batch-size $((16 * SEQ)) --num-iterations "$MID_STEPS" --eval-every 300 --eval-tokens 32768 \
-  --text-share "$TEXT_SHARE" "${MC_MID[@]}"
+  --text-share "$TEXT_SHARE" "${MC_FLAG[@]}"
 python -m scripts.chat_eval -i mid -a offline -x 20 -m 48
 step "supervised fine-tuning"
 python -m scripts.chat_sft --run "$RUN" --mixture offline --max-seq-len "$SEQ" --device-batch-size 16 \
@@ -75,10 +64,10 @@ step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
   # 256 stretches: the gist substitutability's 90 % interval over 64 rows was 0.20-0.67 (dev/LOG.md, 2026-11-22, 'the eval's depths fix each needle's alignment')
   python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20 --needle-trials 10 --docs 256 --doc-tokens 1088
+  python -m scripts.mc_bench --source sft
 else
   python -m scripts.mc_eval --source sft --quick --baselines-only
 fi
-python -m scripts.mc_bench
 step "report"
 python -m nanochat.report generate
 step "chat"

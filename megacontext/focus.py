@@ -32,15 +32,9 @@ from megacontext.working_context import all_raw, coarsest_wc, entry_spans, wc_co
 # -----------------------------------------------------------------------------
 # where focus starts, and block arithmetic
 
-START_ROOM = 1  # expansions focus's start leaves room for (folding makes room for more: question_focus)
-
-MAX_COLLAPSES = 3  # groups of level-1 gists focus may fold into their level-2 parent to make room (a needle
-# across two regions at 64x, budget 224, needed the third: dev/LOG.md, 2026-11-22, 'the first CUDA runs')
-
-
-def start_wc(num_tokens, budget, cfg, room=START_ROOM):
+def start_wc(num_tokens, budget, cfg, room=None):
     """Where focus starts: the finest uniform gist tiling (levels <= L, smallest L) that leaves room for `room`
-    expansions within `budget`, its newest level-L gists then refined one level while the room remains (older
+    (default cfg.focus_start_room) expansions within `budget`, its newest level-L gists then refined one level while the room remains (older
     history stays coarser), else the coarsest WC. Starting at level 1 wherever the budget allows lets LensNet
     shortlist among those blocks at once (the reranker then reads the shortlist raw); longer histories start
     coarser and go coarse to fine. Room for one, not two: a needle's key and its label often lie in two blocks,
@@ -50,6 +44,7 @@ def start_wc(num_tokens, budget, cfg, room=START_ROOM):
     Every start is the coarsest WC plus expansions, so focus ends on the same cost as any other method that
     fills the budget (costs differ by K - 1 steps)."""
     K = cfg.block_size
+    room = cfg.focus_start_room if room is None else room
     for L in range(1, cfg.max_level + 1):
         wc = coarsest_wc(num_tokens, cfg, max_level=L)
         if wc_cost(wc, K) + room * (K - 1) <= budget:
@@ -176,14 +171,13 @@ def focus_pick(wc, scores, reader, lensnet, reranker, wte, cfg):
 # -----------------------------------------------------------------------------
 # the entry points
 
-def question_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=MAX_COLLAPSES,
-                   trace=None):
+def question_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None, collapses=None, trace=None):
     """
     Focus for the present (a new question): from `start_wc`, expand the pass's pick (`focus_pick`) and rescore,
     one expansion a pass, until none fits the budget. One at a time because LensNet is trained for its top-1
     (the needle's covering gist at each level): expanding its top-k at once spends the budget on k - 1 guesses
     before the chosen level-2 region's children have been scored.
-    When no expansion fits, up to `collapses` times the legal group of K level-1 gists that LensNet wants least
+    When no expansion fits, up to `collapses` (default cfg.focus_collapses) times the legal group of K level-1 gists that LensNet wants least
     (lowest mean score, after the reranker's reordering) folds into its level-2 parent, freeing K - 1 slots for one
     more expansion: a needle's key and label can need a block more than the start left room for (passkey at 16x on
     the runcpu model: 92 -> 100 %; dev/LOG.md, 2026-11-22, 'gists grew 100x past the tokens'). A region focus itself
@@ -201,6 +195,7 @@ def question_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None,
     if num_tokens <= budget:
         return all_raw(num_tokens, cfg)
     K = cfg.block_size
+    collapses = cfg.focus_collapses if collapses is None else collapses
     wc = start_wc(num_tokens, budget, cfg)
     opened = set()  # level-2 regions this focus expanded
     raw = set()  # blocks this focus opened
@@ -238,9 +233,9 @@ def question_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None,
 
 
 @torch.no_grad()
-def incremental_refocus(wc, reader, lensnet, reranker, wte, cfg, cooldown, kept=(), passes=2):
+def incremental_refocus(wc, reader, lensnet, reranker, wte, cfg, cooldown, kept=()):
     """
-    Up to `passes` chained allocator passes over LensNet's scores (the reranker reordering its level-1
+    Up to cfg.refocus_passes chained allocator passes over LensNet's scores (the reranker reordering its level-1
     shortlist), rescoring in between so that a level-2 gist can reach raw tokens. With `kept` (the raw blocks
     the last question focus opened, best first):
     - they are the allocator's pins: a forced collapse folds them after every other group, the least wanted
@@ -254,7 +249,7 @@ def incremental_refocus(wc, reader, lensnet, reranker, wte, cfg, cooldown, kept=
     Returns (edits, wc, cooldown).
     """
     edits = []
-    for _ in range(passes):
+    for _ in range(cfg.refocus_passes):
         scores = rerank_scores(lensnet.score([wc], reader, wte)[0][0], wc, reader, reranker, wte, cfg)
         expandable = near_kept(wc, kept, cfg.block_size) if len(kept) else None
         e, wc, cooldown = allocator_refocus(wc, scores, cfg.budget, cooldown, cfg, pins=kept, expandable=expandable)

@@ -42,7 +42,7 @@ __all__ = ["MCSession", "SessionError", "SESSION_FILE"]
 class MCSession:
 
     def __init__(self, gpt, gistnet, lensnet, tokenizer, cfg, memory_dir=None, device=None, budget=None,
-                 passes=2, source_info=None, reranker=None):
+                 source_info=None, reranker=None):
         """
         gpt/gistnet/lensnet: the three nets (moved to `device`, default the GPT's); reranker: the second
         stage of focus (megacontext/reranker.py; None: LensNet alone); tokenizer: may be
@@ -59,7 +59,6 @@ class MCSession:
         self.lensnet = lensnet.to(self.device).eval()
         self.reranker = None if reranker is None else reranker.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.passes = passes
         self.source_info = source_info or {}
         self.identity = {"gpt": module_fingerprint(self.gpt), "gistnet": module_fingerprint(self.gistnet),
                          "lensnet": module_fingerprint(self.lensnet)}
@@ -202,13 +201,13 @@ class MCSession:
 
     @torch.no_grad()
     def refocus(self):
-        """Incremental focus (focus.incremental_refocus: LensNet + reranker + allocator, up to `passes` chained
-        passes, the kept blocks pinned). Returns the edits made."""
+        """Incremental focus (focus.incremental_refocus: LensNet + reranker + allocator, up to cfg.refocus_passes
+        chained passes, the kept blocks pinned). Returns the edits made."""
         if self.tree.num_tokens == 0:
             return []
         edits, self.wc, self.cooldown = incremental_refocus(self.wc, self.tree, self.lensnet, self.reranker,
                                                             self.gpt.transformer.wte, self.cfg, self.cooldown,
-                                                            self.kept, self.passes)
+                                                            self.kept)
         self.refocus_count += 1
         self.edit_count += len(edits)
         self.since_refocus = 0

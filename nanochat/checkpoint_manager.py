@@ -6,7 +6,12 @@ Layout: <base_dir>/{base,mid,chatsft}_checkpoints/<model_tag>/
     meta_<step:06d>.json       model_config, user config, step, loss/bpb, dataloader state, [mc_config]
     optim_<step:06d>_rank<r>.pt  optimizer state dicts (one list per rank)
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written file
-under a real name.
+under a real name, and the model file is written last, after every rank's optimizer file: a step whose
+model file exists is complete.
+
+Resuming (`--resume` of the training scripts): resume_step() says where a run starts, check_resumable()
+refuses a checkpoint written by an incompatible run. A run that completes normally marks its last
+checkpoint's meta "finished": true, so that `--resume=auto` can skip a stage that is done.
 """
 import os
 import re
@@ -15,6 +20,7 @@ import json
 import logging
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import UserError, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
@@ -54,23 +60,38 @@ def _clean_state_dict(sd):
     return {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, keep=None):
     """
     model_data: {"gpt": state_dict, ...} (rank 0 writes it and the meta);
     optimizer_data: anything torch.save can write (a list of optimizer state dicts), or None;
-    every rank writes its own optimizer file. The model file is written last among rank 0's files
-    so that find_last_step() only sees a step whose meta exists too.
+    every rank writes its own optimizer file. Under DDP every rank must call it (a barrier): the model file
+    is written last, once every rank's optimizer file and the meta exist, so that find_last_step() only
+    sees complete steps, even after a crash in the middle of a save. keep: how many of the newest steps
+    to keep (older ones are deleted once this one is complete; None keeps all): at depth 20 a step is the
+    model plus every rank's optimizer state, several GB.
     """
     if not isinstance(model_data, dict) or "gpt" not in model_data:
         raise ValueError('model_data must be a dict of named state dicts with at least "gpt"')
     os.makedirs(checkpoint_dir, exist_ok=True)
     if optimizer_data is not None:
         _torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
     if rank == 0:
         save_meta(checkpoint_dir, step, meta_data)
         model_data = {name: _clean_state_dict(sd) for name, sd in model_data.items()}
         _torch_save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
+        if keep is not None:
+            prune_checkpoints(checkpoint_dir, keep)
+
+
+def prune_checkpoints(checkpoint_dir, keep):
+    """Delete every file of the steps older than the `keep` newest complete ones (a model file marks one)."""
+    steps = sorted(int(m.group(1)) for f in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", f)))
+    for old in steps[:-keep] if keep > 0 else []:
+        for f in glob.glob(os.path.join(checkpoint_dir, f"*_{old:06d}*")):
+            os.remove(f)
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
@@ -105,6 +126,66 @@ def find_last_step(checkpoint_dir):
     if not steps:
         raise UserError(f"no checkpoints found in {checkpoint_dir}")
     return max(steps)
+
+
+def read_meta(checkpoint_dir, step):
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resume_step(checkpoint_dir, resume):
+    """
+    Where a training run with `--resume RESUME` starts: (step, finished). step None: from scratch (no
+    --resume, or "auto" with no checkpoint yet); "auto" and "last": the last checkpoint ("last" insists that
+    there is one); a number: that step. finished: "auto" found the last checkpoint marked finished (the run
+    completed): the caller says so and exits without writing anything.
+    """
+    if resume is None:
+        return None, False
+    if resume in ("auto", "last"):
+        try:
+            step = find_last_step(checkpoint_dir)
+        except UserError:
+            if resume == "auto":
+                return None, False
+            raise
+        return step, resume == "auto" and bool(read_meta(checkpoint_dir, step).get("finished"))
+    try:
+        return int(resume), False
+    except ValueError:
+        raise UserError(f"--resume takes auto, last or a step number, got {resume!r}") from None
+
+
+def check_resumable(checkpoint_dir, step, meta, **mine):
+    """UserError (one line) unless meta[key] == value for every key=value given (world_size, model_config, ...):
+    a run resumes only what a run like it wrote."""
+    for key, value in mine.items():
+        if meta.get(key) != value:
+            raise UserError(f"cannot resume {checkpoint_dir} step {step}: it was written with {key}={meta.get(key)}, "
+                            f"this run has {key}={value} (move that directory away to start afresh)")
+
+
+def restore_checkpoint(checkpoint_dir, step, device, modules, optimizers, rank=0, **expected):
+    """
+    Resume a run from a checkpoint: check_resumable(**expected) on its meta first (world_size, model_config,
+    ...: one clear line instead of a shape error), then load every module of `modules` ({"gpt": model,
+    "gistnet": ...}) and this rank's state of every optimizer. Returns (model_data, meta).
+    """
+    check_resumable(checkpoint_dir, step, read_meta(checkpoint_dir, step), **expected)
+    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    for name, module in modules.items():
+        if name not in model_data:
+            raise UserError(f"cannot resume {checkpoint_dir} step {step}: it has no {name!r} weights")
+        module.load_state_dict(model_data[name])
+    if len(optim_data) != len(optimizers):
+        raise UserError(f"cannot resume {checkpoint_dir} step {step}: it has {len(optim_data)} optimizers, "
+                        f"this run {len(optimizers)}")
+    for opt, sd in zip(optimizers, optim_data):
+        opt.load_state_dict(sd)
+    return model_data, meta
 
 
 def find_largest_model(checkpoints_dir):

@@ -8,8 +8,10 @@ Pretrain the base GPT on the parquet shards.
 
 Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model_tag>/. `--resume` continues a run
 from its last checkpoint (model, optimizers, data position, step), reproducing the loss curve
-exactly on CPU. The final checkpoint is written before the final evaluation, so a crash in the
-evaluation never loses the training.
+exactly on CPU; `--resume=auto` does so when there is a checkpoint, starts afresh when there is none,
+and does nothing when the run already finished. The final checkpoint is written before the final
+evaluation, so a crash in the evaluation never loses the training. SIGTERM or SIGINT (a preempted
+machine, Ctrl-C) stops the run after the current step with a checkpoint of it (exit status 143 / 130).
 
 `--mc` trains with MegaContext (docs/architecture.md): GistNet and LensNet (widths from the GPT) join
 the run as AdamW groups, the loss is megacontext.training.objective.MCObjective's (its plain-LM share keeps
@@ -33,9 +35,10 @@ from nanochat.common import (UserError, run_main, run_distributed, get_base_dir,
                              autocast_ctx, init_wandb)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import clip_grads, setup_optimizers, sync_grads
-from nanochat.checkpoint_manager import save_checkpoint, save_meta, load_checkpoint, find_last_step
+from nanochat.checkpoint_manager import save_checkpoint, save_meta, load_checkpoint, resume_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
+from nanochat.stopping import GracefulStop
 from megacontext.config import add_mc_args
 from megacontext.training.telemetry import MetricWindow, for_wandb, format_metrics
 
@@ -79,11 +82,15 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (0: only at the end, -1: never)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    p.add_argument("--save-every", type=int, default=1000,
+                   help="checkpoint every N steps (-1: only at the end); SIGTERM / Ctrl-C also save, then stop")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="keep the newest N checkpoint steps, delete older ones (0: keep all)")
     p.add_argument("--log-every", type=int, default=1, help="print the train loss every N steps")
     p.add_argument("--model-tag", default="", help="checkpoint directory name (default: d<depth>)")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="STEP",
-                   help="continue from the last checkpoint of --model-tag (or from step STEP)")
+                   help="continue from the last checkpoint of --model-tag (or from step STEP); --resume=auto: "
+                        "from the last checkpoint if there is one, nothing to do if it finished the run")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--mc", action="store_true", help="train with MegaContext (GistNet + LensNet, MCObjective)")
     add_mc_args(p)
@@ -160,13 +167,20 @@ def main(argv=None):
     args = get_args(argv)
     if args.depth < 1 or args.max_seq_len < 2 or args.device_batch_size < 1:
         raise UserError("--depth, --device-batch-size must be >= 1 and --max-seq-len >= 2")
-    run_distributed(_train, args)
+    with GracefulStop() as stop:
+        run_distributed(lambda *a: _train(*a, stop=stop), args)
 
 
-def _train(args, ddp, rank, world_size, device):
+def _train(args, ddp, rank, world_size, device, stop):
     from nanochat.tokenizer import get_tokenizer, get_token_bytes
     from nanochat.dataloader import tokenizing_distributed_data_loader
     master = rank == 0
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    resume_from, finished = resume_step(checkpoint_dir, args.resume)
+    if finished:
+        print0(f"{checkpoint_dir} step {resume_from} is already finished, nothing to do")
+        return
     device_type = device.type
     autocast = autocast_ctx(device_type)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
@@ -195,7 +209,7 @@ def _train(args, ddp, rank, world_size, device):
     if args.mc:
         from megacontext.checkpoint import build_mc_modules
         from megacontext.training.trainer import MCTrainer, resolve_mc_config
-        mc_cfg = resolve_mc_config(args)
+        mc_cfg = resolve_mc_config(args, seq_len=args.max_seq_len)
         if args.max_seq_len < mc_cfg.block_size + mc_cfg.train_min_target:
             raise UserError(f"--mc needs --max-seq-len >= block_size + train_min_target = "
                             f"{mc_cfg.block_size + mc_cfg.train_min_target} (got {args.max_seq_len})")
@@ -234,11 +248,9 @@ def _train(args, ddp, rank, world_size, device):
     all_params = list(orig_model.parameters()) + extra_params
 
     # ---- resume
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     start_step, loader_state, loop_state = 0, None, {}
-    if args.resume is not None:
-        step = find_last_step(checkpoint_dir) if args.resume == "last" else int(args.resume)
+    if resume_from is not None:
+        step = resume_from
         model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
         if args.mc and meta.get("mc_config") != mc_cfg.to_dict():
             raise UserError(f"cannot resume {checkpoint_dir} step {step}: its mc_config {meta.get('mc_config')} "
@@ -296,7 +308,7 @@ def _train(args, ddp, rank, world_size, device):
     peak = peak_flops(device)
     mc_window, mc_last = MetricWindow(), {}  # objective metrics over the log window; the last window's means
 
-    def save(step):
+    def save(step, say=True):
         states = gather_objects(loader_state)
         meta = {"model_config": orig_model.config_dict(), "user_config": user_config, "step": step,
                 "train_loss": train_loss_value, "val_bpb": val_bpb, "world_size": world_size,
@@ -306,8 +318,10 @@ def _train(args, ddp, rank, world_size, device):
         if mc_cfg is not None:
             meta["mc_config"] = mc_cfg.to_dict()
         model_data = {"gpt": orig_model.state_dict(), **{n: m.state_dict() for n, m in extra_modules.items()}}
-        save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
-        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+        save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank,
+                        keep=args.keep_checkpoints or None)
+        if say:
+            print0(f"saved checkpoint step {step} to {checkpoint_dir}")
         return meta
 
     pbar = tqdm(total=num_iterations, initial=start_step, desc="base_train", unit="step",
@@ -326,7 +340,7 @@ def _train(args, ddp, rank, world_size, device):
             print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             if last_step and master:
-                meta["val_bpb"] = val_bpb
+                meta["val_bpb"], meta["finished"] = val_bpb, True  # --resume=auto: nothing left to do
                 meta["loop_state"]["val_bpb"], meta["loop_state"]["min_val_bpb"] = val_bpb, min_val_bpb
                 save_meta(checkpoint_dir, step, meta)
         if args.sample_every >= 0 and (last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)):
@@ -396,6 +410,12 @@ def _train(args, ddp, rank, world_size, device):
             if grad_norm is not None:
                 log["train/grad_norm"] = grad_norm
             wandb_run.log(log)
+        signum = stop.requested(ddp, device)  # after every step, on every rank: they stop together
+        if signum:
+            save(step, say=False)
+            pbar.close()
+            wandb_run.finish()
+            stop.exit(signum, f"saved {checkpoint_dir} step {step}", master)
     pbar.close()
 
     if ddp:

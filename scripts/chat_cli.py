@@ -102,7 +102,7 @@ def fork_session(template, memory_dir=None):
     from megacontext.runtime import MCSession
     t = template
     return MCSession(t.gpt, t.gistnet, t.lensnet, t.tokenizer, t.cfg, memory_dir=memory_dir, device=t.device,
-                     passes=t.passes, source_info=t.source_info, reranker=t.reranker)
+                     source_info=t.source_info, reranker=t.reranker)
 
 
 class MemoryChat:

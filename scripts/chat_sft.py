@@ -18,6 +18,11 @@ The LR starts at --init-lr-frac of the base LRs and decays linearly to 0.
 Writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model_tag>/. Nets other than the GPT stored in the
 source checkpoint (MegaContext's GistNet/LensNet) are carried over.
 
+Resuming. Every `--save-every` steps, and on SIGTERM / SIGINT (after the current step; exit status 143 / 130),
+the run saves a checkpoint with its optimizer states and how many batches each rank has drawn: `--resume`
+continues from it exactly (the same batches, the same losses), `--resume=auto` too, or starts afresh when
+there is no checkpoint, or does nothing when the last one finished the run.
+
 MegaContext (`--mc`): the source checkpoint must hold GistNet, LensNet and its mc_config (else a
 one-line error); the loss is MCObjective's on every micro-batch long enough for a history block and
 a target segment (shorter ones train the plain LM), and the MCConfig comes from the source
@@ -34,9 +39,11 @@ from tqdm import tqdm
 
 from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0,
                              autocast_ctx, init_wandb)
-from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
+from nanochat.checkpoint_manager import (load_model, checkpoint_dir_for, save_checkpoint, save_meta, resume_step,
+                                        restore_checkpoint)
 from nanochat.optim import setup_optimizers, sync_grads
-from scripts.base_train import all_reduce_mean, mc_log_line, mc_report_rows
+from nanochat.stopping import GracefulStop
+from scripts.base_train import all_reduce_mean, gather_objects, mc_log_line, mc_report_rows
 from megacontext.config import add_mc_args
 from megacontext.training.telemetry import MetricWindow, for_wandb
 from tasks.common import TaskMixture
@@ -73,6 +80,15 @@ def get_args(argv=None):
                    help="task accuracy (offline tasks) every N steps (0: only at the end, -1: never)")
     p.add_argument("--eval-metrics-max-problems", type=int, default=64, help="problems per task for those accuracies")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps (-1: only at the end). A hard crash loses at most N steps "
+                        "(SIGTERM and Ctrl-C save the current one); 500 is one intermediate checkpoint in "
+                        "nanochat's ~700-step SFT, as each save writes the model and every rank's optimizer state")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="keep the newest N checkpoint steps, delete older ones (0: keep all)")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="STEP",
+                   help="continue from the last checkpoint of this stage (or from step STEP); --resume=auto: "
+                        "from the last checkpoint if there is one, nothing to do if it finished the run")
     p.add_argument("--mc", action="store_true", help="train with MegaContext (needs a source checkpoint trained with --mc)")
     add_mc_args(p)
     return p.parse_args(argv)
@@ -120,8 +136,9 @@ def sft_collate(batch, pad_id):
     return inputs, targets
 
 
-def sft_batches(task, tokenizer, B, max_tokens, rank=0, world_size=1, device="cpu"):
-    """Infinite generator of (inputs, targets, progress): B conversations per batch, rank-strided."""
+def sft_batches(task, tokenizer, B, max_tokens, rank=0, world_size=1, device="cpu", skip=0):
+    """Infinite generator of (inputs, targets, progress): B conversations per batch, rank-strided.
+    skip: pass over the first `skip` batches without building them (a resumed run fast-forwards the stream)."""
     if len(task) < world_size:
         raise UserError(f"the mixture has {len(task)} conversations, fewer than {world_size} ranks")
     pad_id = tokenizer.get_bos_token_id()  # any id works: its targets are -1
@@ -133,7 +150,9 @@ def sft_batches(task, tokenizer, B, max_tokens, rank=0, world_size=1, device="cp
         cursor += world_size
         if cursor >= len(task):
             cursor, epoch = rank, epoch + 1
-        if len(batch) == B:
+        if len(batch) == B and skip:
+            batch, skip = [], skip - 1
+        elif len(batch) == B:
             x, y = sft_collate(batch, pad_id)
             batch = []
             yield x.to(device), y.to(device), epoch + (cursor - rank) / len(task)
@@ -155,10 +174,11 @@ def close_rows(x, y):
 
 def main(argv=None):
     args = get_args(argv)
-    run_distributed(_train, args)
+    with GracefulStop() as stop:
+        run_distributed(lambda *a: _train(*a, stop=stop), args)
 
 
-def _train(args, ddp, rank, world_size, device):
+def _train(args, ddp, rank, world_size, device, stop):
     from scripts.chat_eval import run_chat_eval
     master = rank == 0
     device_type = device.type
@@ -166,6 +186,11 @@ def _train(args, ddp, rank, world_size, device):
 
     src_dir = checkpoint_dir_for(args.source, args.model_tag)
     model_tag = os.path.basename(src_dir)
+    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
+    resume_from, finished = resume_step(checkpoint_dir, args.resume)
+    if finished:
+        print0(f"{checkpoint_dir} step {resume_from} is already finished, nothing to do")
+        return
     orig_model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.step)
     passthrough = src_meta.pop("model_data", {})
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
@@ -194,7 +219,6 @@ def _train(args, ddp, rank, world_size, device):
     print0(f"mixture {args.mixture}: {len(train_task):,} train / {len(val_task):,} val conversations | "
            f"{args.target_examples_per_step} conversations per step ({grad_accum_steps} accumulation) | "
            f"{num_iterations} steps")
-    train_loader = sft_batches(train_task, tokenizer, B, max_tokens, rank, world_size, device)
 
     def eval_val_loss():
         loader = sft_batches(val_task, tokenizer, B, max_tokens, rank, world_size, device)
@@ -231,15 +255,55 @@ def _train(args, ddp, rank, world_size, device):
             group["lr"] = group["initial_lr"]
     all_params = list(orig_model.parameters()) + extra_params
 
-    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
+    # ---- resume: weights, optimizer states, the loop's state and how many batches this rank has drawn
+    source = {"stage": args.source, "model_tag": model_tag, "step": src_meta.get("step")}
+    # what fixes the order of the data: a resumed run replays the stream by counting batches
+    data_order = {"mixture": args.mixture, "seed": args.seed, "device_batch_size": B, "max_seq_len": max_tokens,
+                  "grad_accum_steps": grad_accum_steps, "mc": args.mc}
+    mc_config = mc_cfg.to_dict() if mc_cfg is not None else src_meta.get("mc_config")
+    start_step, loop_state, data_state = 0, {}, {"batches": 0}
+    if resume_from is not None:
+        _, meta = restore_checkpoint(checkpoint_dir, resume_from, device, {"gpt": orig_model, **extra_modules},
+                                     optimizers, rank=rank, world_size=world_size,
+                                     model_config=orig_model.config_dict(), mc_config=mc_config, source=source,
+                                     data_order=data_order)
+        start_step, loop_state, data_state = meta["step"], meta["loop_state"], meta["data_state"][rank]
+        if start_step > num_iterations:
+            raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_iterations}")
+        print0(f"resumed from {checkpoint_dir} step {start_step}")
+    train_loader = sft_batches(train_task, tokenizer, B, max_tokens, rank, world_size, device,
+                               skip=data_state["batches"])
+
     user_config = vars(args)
     wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master)
-    val_loss, train_loss_value, metrics, total_time = None, None, {}, 0.0
-    mc_window, mc_last, tokens_seen = MetricWindow(), {}, 0
-    pbar = tqdm(total=num_iterations, desc="chat_sft", unit="step",
+    val_loss, train_loss_value = loop_state.get("val_loss"), loop_state.get("train_loss")
+    metrics, total_time = loop_state.get("metrics", {}), loop_state.get("total_time", 0.0)
+    mc_window, mc_last, tokens_seen = MetricWindow(), loop_state.get("mc_last", {}), loop_state.get("tokens_seen", 0)
+    meta = {k: v for k, v in src_meta.items() if k not in ("dataloader_state", "loop_state", "user_config", "finished")}
+
+    def save(step):
+        meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=step,
+                    train_loss=train_loss_value, val_loss=val_loss, metrics=metrics, world_size=world_size,
+                    source=source, data_order=data_order, data_state=gather_objects(dict(data_state)),
+                    loop_state={"val_loss": val_loss, "train_loss": train_loss_value, "metrics": metrics,
+                                "total_time": total_time, "tokens_seen": tokens_seen, "mc_last": mc_last})
+        if mc_config is not None:
+            meta["mc_config"] = mc_config
+        model_data = {"gpt": orig_model.state_dict(), **passthrough,
+                      **{n: m.state_dict() for n, m in extra_modules.items()}}
+        save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank,
+                        keep=args.keep_checkpoints or None)
+
+    pbar = tqdm(total=num_iterations, initial=start_step, desc="chat_sft", unit="step",
                 disable=not master or not sys.stderr.isatty(), dynamic_ncols=True)
-    for step in range(num_iterations + 1):
+    step = start_step
+    while True:
         last_step = step == num_iterations
+        if last_step:
+            save(step)  # before the final evaluations: a crash in them must not lose the training
+        elif args.save_every > 0 and step % args.save_every == 0 and step != start_step:
+            save(step)
+            print0(f"saved checkpoint step {step} to {checkpoint_dir}")
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             val_loss = eval_val_loss()
             print0(f"step {step:05d} | val loss: {val_loss:.4f}")
@@ -257,6 +321,7 @@ def _train(args, ddp, rank, world_size, device):
         num_tokens = 0
         for micro in range(grad_accum_steps):
             x, y, _ = next(train_loader)
+            data_state["batches"] += 1
             with autocast:
                 if mc_trainer is not None:
                     loss, extra_logs = mc_trainer.loss(*close_rows(x, y), step, micro)
@@ -282,8 +347,9 @@ def _train(args, ddp, rank, world_size, device):
             raise RuntimeError(f"the training loss is {train_loss_value} at step {step}: diverged")
         dt = time.time() - t0
         total_time += dt
+        step += 1
         pbar.update(1)
-        msg = (f"step {step + 1:05d}/{num_iterations:05d} | loss: {train_loss_value:.4f} | lrm: {lrm:.3f} "
+        msg = (f"step {step:05d}/{num_iterations:05d} | loss: {train_loss_value:.6f} | lrm: {lrm:.3f} "
                f"| assistant tokens: {num_tokens:,} | dt: {dt * 1000:.0f}ms")
         mc_means = mc_window.flush()
         if mc_means:
@@ -291,19 +357,20 @@ def _train(args, ddp, rank, world_size, device):
             msg += " | " + mc_log_line(mc_means)
         if master:
             tqdm.write(msg) if not pbar.disable else print(msg, flush=True)
-        wandb_run.log({"step": step + 1, "train/loss": train_loss_value, "train/lrm": lrm,
+        wandb_run.log({"step": step, "train/loss": train_loss_value, "train/lrm": lrm,
                        "train/num_tokens": num_tokens, **for_wandb(mc_means)})
+        signum = stop.requested(ddp, device)  # after every step, on every rank: they stop together
+        if signum:
+            save(step)
+            pbar.close()
+            wandb_run.finish()
+            stop.exit(signum, f"saved {checkpoint_dir} step {step}", master)
     pbar.close()
 
-    meta = {k: v for k, v in src_meta.items() if k not in ("dataloader_state", "loop_state", "user_config")}
-    meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=num_iterations,
-                train_loss=train_loss_value, val_loss=val_loss, metrics=metrics, world_size=world_size,
-                source={"stage": args.source, "model_tag": model_tag, "step": src_meta.get("step")})
-    if mc_cfg is not None:
-        meta["mc_config"] = mc_cfg.to_dict()
-    model_data = {"gpt": orig_model.state_dict(), **passthrough,
-                  **{n: m.state_dict() for n, m in extra_modules.items()}}
-    save_checkpoint(checkpoint_dir, num_iterations, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
+    if master:  # the final evaluations' results, and the mark that --resume=auto has nothing left to do
+        meta.update(val_loss=val_loss, metrics=metrics, finished=True)
+        meta["loop_state"].update(val_loss=val_loss, metrics=metrics)
+        save_meta(checkpoint_dir, step, meta)
     print0(f"saved {checkpoint_dir} step {num_iterations} | val loss: {val_loss:.4f} | time: {total_time / 60:.2f}m")
 
     from nanochat.report import get_report

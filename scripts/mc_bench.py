@@ -35,7 +35,9 @@ def random_session(args, device, memory_dir):
     from megacontext.runtime import MCSession
     from nanochat.gpt import GPT, config_from_depth
     torch.manual_seed(0)
-    cfg = MCConfig(budget=args.budget)
+    # tau near 1: a random-init LensNet's scores are noise, and its voluntary folds would time a WC of whatever
+    # size they leave; the allocator then only folds what the budget forces, and the bench times full WCs
+    cfg = MCConfig(budget=args.budget, tau=0.999)
     gpt = GPT(config_from_depth(args.depth, args.vocab, 2 * args.budget))
     gpt.init_weights()
     nets = build_mc_modules(gpt, cfg, device="cpu")
@@ -44,13 +46,18 @@ def random_session(args, device, memory_dir):
 
 
 def ingest_unheld(session, ids, progress=False):
-    """Ingest, then release the blocks focus kept. The bench asks no question, and with them held (the
-    neighbour-only rule of focus.incremental_refocus) a random-init LensNet never refills the room focus left:
-    a 1k history decoded in a WC of ~200 of 512 slots against 484 at 1M, so t(1M)/t(1k) timed WC sizes, not
-    history lengths (1.19-1.30 instead of 1.02-1.07; dev/LOG.md, 2026-11-23, 'what the far history offers on
-    prose is a unigram cache')."""
+    """Ingest, then decode from the recency pyramid at the full budget, nothing pinned. The bench asks no
+    question, and the WC a question focus leaves depends on the LensNet: with its blocks held (the neighbour-only
+    rule of focus.incremental_refocus) a random-init LensNet never refilled the room focus left, a 1k history
+    decoded in a WC of ~200 of 512 slots against 484 at 1M, and t(1M)/t(1k) timed WC sizes, not history lengths
+    (1.19-1.30 instead of 1.02-1.07; dev/LOG.md, 2026-11-23, 'what the far history offers on prose is a
+    unigram cache')."""
+    from megacontext.allocator import CooldownState
+    from megacontext.working_context import all_raw, recency_pyramid
     session.ingest(ids, progress=progress)
-    session.kept = []
+    n, cfg = session.num_tokens, session.cfg
+    session.wc = all_raw(n, cfg) if n <= cfg.budget else recency_pyramid(n, cfg.budget, cfg)
+    session.kept, session.cooldown = [], CooldownState()
 
 
 def time_decode(session, n_tokens, rounds, device):

@@ -77,7 +77,7 @@ def random_init_models(args, device):
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
-    cfg = MCConfig(budget=args.budget or 512, tail_tokens=128 if args.tail_tokens is None else args.tail_tokens)
+    cfg = MCConfig(budget=args.budget or 512, tail_tokens=args.tail_tokens)
     torch.manual_seed(args.seed)
     gpt = GPT(config_from_depth(args.depth, tok.get_vocab_size(), 2 * cfg.budget))
     gpt.init_weights()
@@ -136,8 +136,10 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=2, help="random-init GPT depth (default 2)")
     p.add_argument("--baselines-only", action="store_true",
                    help="a checkpoint without MegaContext weights: run truncation/sinks/mean_pool/full only")
-    p.add_argument("--budget", type=int, default=None, help="working-context budget (default: the checkpoint's; 512)")
-    p.add_argument("--tail-tokens", type=int, default=None, help="protected raw tail (default: the checkpoint's; 128)")
+    p.add_argument("--budget", type=int, default=None, help="working-context budget (default: the checkpoint's; "
+                                                                "512 with --random-init)")
+    p.add_argument("--tail-tokens", type=int, default=None, help="protected raw tail (default: the checkpoint's; an "
+                                                                     "eighth of the budget with --random-init)")
     p.add_argument("--rerank-k", type=int, default=None, help="LensNet shortlist the reranker picks from (default: "
                                                               "the checkpoint's; 0: LensNet alone)")
     # the counts below default to None so that --quick lowers only what the user did not pass
@@ -158,6 +160,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"small counts for CPU runs: {QUICK}")
     p.add_argument("--no-report", action="store_true", help="do not write the report section")
+    p.add_argument("--run", default="dummy", help="wandb run name that receives the figures ('dummy': no wandb)")
     p.add_argument("--device", default=None, help="cuda / mps / cpu (default: autodetect)")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():  # quick lowers only what the user did not pass
@@ -260,7 +263,26 @@ def main(argv=None):
         links = {k: os.path.relpath(v, report_dir) if os.path.dirname(os.path.abspath(v)) == report_dir else v
                  for k, v in images.items()}
         get_report().log(SECTION, [headline(res), report_markdown(res, links)])
+    from nanochat.common import init_wandb
+    wandb_run = init_wandb(args.run, "nanochat", {"mc_eval": config})
+    wandb_run.log(wandb_figures(res))
+    wandb_run.finish()
     return res
+
+
+def wandb_figures(res):
+    """The result's figures as flat wandb keys: mc_eval/<task>/<multiple>x/<method>, mc_eval/long_doc/<method>,
+    mc_eval/quality/<entry>/<figure>."""
+    out = {}
+    for task in EXACT_TASKS:
+        for mult, cell in res[task].items():
+            out.update({f"mc_eval/{task}/{mult}x/{m}": v for m, v in cell.items() if v is not None})
+    out.update({f"mc_eval/long_doc/{m}": v for m, v in res["long_doc"].items() if isinstance(v, (int, float))})
+    for entry, q in res["quality"].items():
+        if isinstance(q, dict) and entry != "reasons":
+            out.update({f"mc_eval/quality/{entry}/{k}": v for k, v in q.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
 
 if __name__ == "__main__":

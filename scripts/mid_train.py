@@ -26,6 +26,11 @@ constant for 80% of the run, then decays linearly to 0.
 Writes $NANOCHAT_BASE_DIR/mid_checkpoints/<model_tag>/ (the base model's tag by default). Any
 other nets stored in the base checkpoint (MegaContext's GistNet/LensNet) are carried over unchanged.
 
+Resuming. Every `--save-every` steps, and on SIGTERM / SIGINT (after the current step; exit status 143 / 130),
+the run saves a checkpoint with its optimizer states and how far each data stream has gone: `--resume`
+continues from it exactly (the same batches, the same losses), `--resume=auto` too, or starts afresh when
+there is no checkpoint, or does nothing when the last one finished the run.
+
 MegaContext (`--mc`): the base checkpoint must hold GistNet, LensNet and its mc_config (else a
 one-line error); they are trained on with MCObjective as the loss, and the MCConfig comes from the
 checkpoint (--mc-* flags may override only the training/focus knobs, see
@@ -47,10 +52,12 @@ from tqdm import tqdm
 
 from nanochat.common import (UserError, run_main, run_distributed, get_base_dir, print0, print_line,
                              autocast_ctx, init_wandb)
-from nanochat.checkpoint_manager import load_model, checkpoint_dir_for, save_checkpoint
+from nanochat.checkpoint_manager import (load_model, checkpoint_dir_for, save_checkpoint, save_meta, resume_step,
+                                        restore_checkpoint)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import clip_grads, setup_optimizers, sync_grads
-from scripts.base_train import muon_momentum, all_reduce_mean, mc_log_line, mc_report_rows
+from nanochat.stopping import GracefulStop
+from scripts.base_train import muon_momentum, all_reduce_mean, gather_objects, mc_log_line, mc_report_rows
 from megacontext.config import add_mc_args
 from megacontext.training.telemetry import MetricWindow, for_wandb
 from tasks.common import TaskMixture
@@ -85,26 +92,23 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val evaluation")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps (-1: only at the end). A hard crash loses at most N steps "
+                        "(SIGTERM and Ctrl-C save the current one); 500 is one intermediate checkpoint in "
+                        "nanochat's ~800-step midtraining, as each save writes the model and every rank's "
+                        "optimizer state")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="keep the newest N checkpoint steps, delete older ones (0: keep all)")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="STEP",
+                   help="continue from the last checkpoint of this stage (or from step STEP); --resume=auto: "
+                        "from the last checkpoint if there is one, nothing to do if it finished the run")
     p.add_argument("--text-share", type=float, default=0.0,
                    help="share of micro-batches (after --mc's copy warm-up) that replay pretraining text from the "
                         "train shards with the chat rows' loss, so that a small mixture does not unlearn the base "
                         "model's language modelling (runcpu's offline mixture took validation-text NLL from 4.39 "
                         "to 6.28 nats/token without it); its val bpb is logged as val/text_bpb")
     p.add_argument("--mc", action="store_true", help="train with MegaContext (needs a base checkpoint trained with --mc)")
-    p.add_argument("--mc-mix-share", type=float, default=0.5,
-                   help="--mc: share of micro-batches that are long-context task rows (tasks/mc_mixture.py)")
-    p.add_argument("--mc-mix-warmup", type=float, default=0.2,
-                   help="--mc: share of the run (first) that is the copy warm-up (all its micro-batches)")
-    p.add_argument("--mc-mix-multiples", default="1,4,16,64", help="--mc: history lengths as multiples of the budget")
-    p.add_argument("--mc-mix-tasks", default="passkey,multikey,kv_recall,longchat,text", help="--mc: long-context tasks")
-    p.add_argument("--mc-mix-batch-size", type=int, default=4, help="--mc: rows per long-context micro-batch")
-    p.add_argument("--mc-warmup-exit", type=float, default=0.5,
-                   help="--mc: the warm-up ends early once its copy rows' loss (mean of the last 10 copy micro-batches) "
-                        "is below this many nats per token: the GPT copies")
-    p.add_argument("--mc-warmup-rows-mult", type=int, default=4,
-                   help="--mc: the copy warm-up's micro-batches have this many times --mc-mix-batch-size rows "
-                        "(its histories are short: 2-4 blocks)")
-    add_mc_args(p)
+    add_mc_args(p)  # the mixture's knobs too: --mc-mix-share, --mc-mix-warmup, --mc-mix-tasks, ...
     return p.parse_args(argv)
 
 
@@ -132,11 +136,12 @@ def build_mixture(mixture, split):
     return TaskMixture(tasks, seed=0 if train else 1)
 
 
-def text_loaders(tokenizer, B, T, device):
-    """{"train": the pretraining train stream, "val": a factory of fresh val streams} for --text-share."""
+def text_loaders(tokenizer, B, T, device, resume_state=None):
+    """{"train": the pretraining train stream (from resume_state, a state it yielded), "val": a factory of fresh
+    val streams} for --text-share."""
     from nanochat.dataloader import tokenizing_distributed_data_loader
     try:
-        train = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device)
+        train = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=resume_state)
         first = next(train)  # a generator opens the shards lazily: open them now, for a clear error
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(f"--text-share replays the pretraining shards ({e}): run `python -m nanochat.dataset` "
@@ -148,13 +153,15 @@ def text_loaders(tokenizer, B, T, device):
     return {"train": stream(), "val": lambda: tokenizing_distributed_data_loader(tokenizer, B, T, "val", device)}
 
 
-def packed_batches(task, tokenizer, B, T, rank=0, world_size=1, masked=False, device="cpu", max_conv_tokens=None):
+def packed_batches(task, tokenizer, B, T, rank=0, world_size=1, masked=False, device="cpu", max_conv_tokens=None,
+                   skip=0):
     """
     Infinite generator of (inputs (B,T), targets (B,T), progress): conversations rank, rank+W, ...
     of `task` rendered and packed into one stream; each batch takes the next B*T+1 tokens and the
     stream advances by B*T (the last target of a batch is the first input of the next).
     masked: targets whose token is not the assistant's are -1. progress = passes over the task
     started so far as a float (1.0 = this rank has read all its conversations once).
+    skip: pass over the first `skip` batches without building them (a resumed run fast-forwards the stream).
     """
     if len(task) < world_size:
         raise UserError(f"the mixture has {len(task)} conversations, fewer than {world_size} ranks")
@@ -170,6 +177,12 @@ def packed_batches(task, tokenizer, B, T, rank=0, world_size=1, masked=False, de
             cursor += world_size
             if cursor >= len(task):
                 cursor, epoch = rank, epoch + 1
+        if skip:
+            for _ in range(B * T):
+                ids_buf.popleft()
+                mask_buf.popleft()
+            skip -= 1
+            continue
         ids = torch.tensor([ids_buf[i] for i in range(needed)], dtype=torch.long)
         x, y = ids[:-1].view(B, T), ids[1:].clone()
         if masked:
@@ -189,10 +202,11 @@ def lr_multiplier(progress):
 
 def main(argv=None):
     args = get_args(argv)
-    run_distributed(_train, args)
+    with GracefulStop() as stop:
+        run_distributed(lambda *a: _train(*a, stop=stop), args)
 
 
-def _train(args, ddp, rank, world_size, device):
+def _train(args, ddp, rank, world_size, device, stop):
     from nanochat.tokenizer import get_token_bytes
     master = rank == 0
     device_type = device.type
@@ -201,6 +215,11 @@ def _train(args, ddp, rank, world_size, device):
     # ---- model: the base checkpoint (its other nets, e.g. MegaContext's, pass through unchanged)
     base_dir = checkpoint_dir_for("base", args.model_tag)
     model_tag = os.path.basename(base_dir)
+    checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
+    resume_from, finished = resume_step(checkpoint_dir, args.resume)
+    if finished:
+        print0(f"{checkpoint_dir} step {resume_from} is already finished, nothing to do")
+        return
     orig_model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=model_tag, step=args.step)
     passthrough = base_meta.pop("model_data", {})
     extra_modules = {}  # name -> nn.Module trained with the GPT (--mc adds GistNet/LensNet here)
@@ -212,13 +231,10 @@ def _train(args, ddp, rank, world_size, device):
         where = f"the base checkpoint {base_dir} (step {base_meta.get('step')})"
         mc_cfg, extra_modules, passthrough, mc_trainer = mc_from_source(args, orig_model, passthrough, base_meta,
                                                                         where, device, rank, lm=model)
-        if (not 0 <= args.mc_mix_share <= 1 or not 0 <= args.mc_mix_warmup <= 1
-                or min(args.mc_mix_batch_size, args.mc_warmup_rows_mult) < 1):
-            raise UserError("--mc-mix-share and --mc-mix-warmup must be in [0, 1], --mc-mix-batch-size and "
-                            "--mc-warmup-rows-mult >= 1")
+        mix_rows = mc_cfg.mix_batch_size or args.device_batch_size
         try:
-            mix = MCMixture(tokenizer, mc_cfg, load_filler(), multiples=parse_list(args.mc_mix_multiples, float),
-                            tasks=parse_list(args.mc_mix_tasks))
+            mix = MCMixture(tokenizer, mc_cfg, load_filler(), multiples=parse_list(mc_cfg.mix_multiples, float),
+                            tasks=parse_list(mc_cfg.mix_tasks))
         except ValueError as e:
             raise UserError(f"--mc-mix-*: {e}") from None
         print0(f"MegaContext: carried GistNet + LensNet from the base checkpoint | {mc_cfg}")
@@ -240,11 +256,9 @@ def _train(args, ddp, rank, world_size, device):
     train_task, val_task = build_mixture(args.mixture, "train"), build_mixture(args.mixture, "val")
     print0(f"mixture {args.mixture}: {len(train_task):,} train / {len(val_task):,} val conversations "
            f"| loss on {'assistant tokens' if args.masked_loss else 'all tokens'}")
-    train_loader = packed_batches(train_task, tokenizer, B, T, rank, world_size, bool(args.masked_loss), device)
     eval_steps = max(1, args.eval_tokens // world_tokens)
     if not 0 <= args.text_share <= 1:
         raise UserError(f"--text-share must be in [0, 1], got {args.text_share}")
-    text_loader = text_loaders(tokenizer, B, T, device) if args.text_share > 0 else None
 
     def eval_val_bpb(loader):
         orig_model.eval()
@@ -264,17 +278,62 @@ def _train(args, ddp, rank, world_size, device):
     muon = optimizers[1]
     all_params = list(orig_model.parameters()) + extra_params
 
-    checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
+    # ---- resume: weights, optimizer states, the loop's state and how far each data stream of this rank has gone
+    source = {"stage": "base", "model_tag": model_tag, "step": base_meta.get("step")}
+    # what fixes the order of the data: a resumed run replays the streams by counting batches
+    data_order = {"mixture": args.mixture, "masked_loss": bool(args.masked_loss), "text_share": args.text_share,
+                  "seed": args.seed, "device_batch_size": B, "max_seq_len": T, "grad_accum_steps": grad_accum_steps,
+                  "mc": args.mc}
+    mc_config = mc_cfg.to_dict() if mc_cfg is not None else base_meta.get("mc_config")
+    start_step, loop_state, data_state = 0, {}, {"chat_batches": 0, "text_state": None}
+    if resume_from is not None:
+        _, meta = restore_checkpoint(checkpoint_dir, resume_from, device, {"gpt": orig_model, **extra_modules},
+                                     optimizers, rank=rank, world_size=world_size,
+                                     model_config=orig_model.config_dict(), mc_config=mc_config, source=source,
+                                     data_order=data_order)
+        start_step, loop_state, data_state = meta["step"], meta["loop_state"], meta["data_state"][rank]
+        print0(f"resumed from {checkpoint_dir} step {start_step}")
+    train_loader = packed_batches(train_task, tokenizer, B, T, rank, world_size, bool(args.masked_loss), device,
+                                  skip=data_state["chat_batches"])
+    text_loader = (text_loaders(tokenizer, B, T, device, resume_state=data_state["text_state"])
+                   if args.text_share > 0 else None)
+
     user_config = vars(args)
     wandb_run = init_wandb(args.run, "nanochat-mid", user_config, master)
     num_iterations = args.num_iterations
-    val_bpb, min_val_bpb, train_loss_value, total_time = None, float("inf"), None, 0.0
-    text_bpb, text_rows = None, 0
-    pbar = tqdm(total=num_iterations if num_iterations > 0 else None, desc="mid_train", unit="step",
+    if 0 < num_iterations < start_step:
+        raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_iterations}")
+    val_bpb, min_val_bpb = loop_state.get("val_bpb"), loop_state.get("min_val_bpb", float("inf"))
+    train_loss_value, total_time = loop_state.get("train_loss"), loop_state.get("total_time", 0.0)
+    text_bpb, text_rows = loop_state.get("text_bpb"), loop_state.get("text_rows", 0)
+    pbar = tqdm(total=num_iterations if num_iterations > 0 else None, initial=start_step, desc="mid_train", unit="step",
                 disable=not master or not sys.stderr.isatty(), dynamic_ncols=True)
-    step, progress = 0, 0.0
-    mc_window, mc_last, mc_rows = MetricWindow(), {}, 0
-    copy_losses, warm_done, warmup_steps = deque(maxlen=10), False, 0
+    step, progress = start_step, loop_state.get("progress", 0.0)
+    mc_window, mc_last, mc_rows = MetricWindow(), loop_state.get("mc_last", {}), loop_state.get("mc_rows", 0)
+    # the copy warm-up's exit test (the mean of its last 10 copy batches' losses) carries over a resume
+    copy_losses = deque(loop_state.get("copy_losses", []), maxlen=10)
+    warm_done, warmup_steps = loop_state.get("warm_done", False), loop_state.get("warmup_steps", 0)
+    meta = {k: v for k, v in base_meta.items()
+            if k not in ("dataloader_state", "loop_state", "user_config", "finished")}
+
+    def save(step, say=True):
+        meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=step,
+                    train_loss=train_loss_value, val_bpb=val_bpb, world_size=world_size, device_batch_size=B,
+                    max_seq_len=T, source=source, data_order=data_order, data_state=gather_objects(dict(data_state)),
+                    loop_state={"progress": progress, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
+                                "train_loss": train_loss_value, "total_time": total_time, "text_bpb": text_bpb,
+                                "text_rows": text_rows, "mc_rows": mc_rows, "mc_last": mc_last,
+                                "copy_losses": list(copy_losses), "warm_done": warm_done,
+                                "warmup_steps": warmup_steps})
+        if mc_config is not None:
+            meta["mc_config"] = mc_config
+        model_data = {"gpt": orig_model.state_dict(), **passthrough,
+                      **{n: m.state_dict() for n, m in extra_modules.items()}}
+        save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank,
+                        keep=args.keep_checkpoints or None)
+        if say:
+            print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+
     while True:
         # a pass over the mixture ends the run when no step count was given; ranks must agree
         if num_iterations > 0:
@@ -282,6 +341,10 @@ def _train(args, ddp, rank, world_size, device):
         else:
             done = torch.tensor(float(progress >= 1.0), device=device)
             last_step = bool(all_reduce_mean(done).item() > 0) if ddp else progress >= 1.0
+        if last_step:
+            save(step, say=False)  # before the final evaluation: a crash in it must not lose the training
+        elif args.save_every > 0 and step % args.save_every == 0 and step != start_step:
+            save(step)
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             val_bpb = eval_val_bpb(packed_batches(val_task, tokenizer, B, T, rank, world_size,
                                                   bool(args.masked_loss), device))
@@ -299,12 +362,12 @@ def _train(args, ddp, rank, world_size, device):
         loss_sum = torch.zeros((), device=device)
         warm_frac = step / num_iterations if num_iterations > 0 else progress
         copy_stats = torch.zeros(2, device=device)  # (sum of copy-batch losses, number of copy batches)
-        step_warm = mc_trainer is not None and not warm_done and warm_frac < args.mc_mix_warmup
+        step_warm = mc_trainer is not None and not warm_done and warm_frac < mc_cfg.mix_warmup
         for micro in range(grad_accum_steps):
             # its own stream of draws, so that --text-share 0 leaves the chat / long-context draws as they were
             if (text_loader is not None and not step_warm
                     and np.random.default_rng([args.seed, step, micro, 1]).random() < args.text_share):
-                x, y, _ = next(text_loader["train"])
+                x, y, data_state["text_state"] = next(text_loader["train"])
                 text_rows += x.size(0)
                 with autocast:
                     loss, extra_logs = (mc_trainer.loss(x, y, step, micro) if mc_trainer is not None
@@ -312,10 +375,12 @@ def _train(args, ddp, rank, world_size, device):
                 mc_window.add(extra_logs)
             elif mc_trainer is not None:
                 # chat or long-context is drawn without the rank (every rank takes the same branch); the
-                # rows and their task are drawn per rank. The copy warm-up takes every micro-batch: copying
-                # heads form in ~300 steps of pure copy rows and not at all when chat batches dilute them
-                if step_warm or np.random.default_rng([args.seed, step, micro]).random() < args.mc_mix_share:
-                    b = mix.batch(args.mc_mix_batch_size * (args.mc_warmup_rows_mult if step_warm else 1),
+                # rows and their task are drawn per rank, from rngs seeded by (seed, rank, step, micro): a
+                # resumed run draws them again without any saved state. The copy warm-up takes every
+                # micro-batch: copying heads form in ~300 steps of pure copy rows and not at all when chat
+                # batches dilute them
+                if step_warm or np.random.default_rng([args.seed, step, micro]).random() < mc_cfg.mix_share:
+                    b = mix.batch(mix_rows * (mc_cfg.warmup_rows_mult if step_warm else 1),
                                   mc_trainer.rng(step, 1000 + micro), warmup=step_warm)
                     b.x, b.y = b.x.to(device), b.y.to(device)
                     mc_rows += b.x.size(0)
@@ -328,11 +393,13 @@ def _train(args, ddp, rank, world_size, device):
                         copy_stats += torch.stack([loss.detach().float(), torch.ones((), device=device)])
                 else:
                     x, y, progress = next(train_loader)
+                    data_state["chat_batches"] += 1
                     with autocast:
                         loss, extra_logs = mc_trainer.loss(x, y, step, micro)
                 mc_window.add(extra_logs)
             else:
                 x, y, progress = next(train_loader)
+                data_state["chat_batches"] += 1
                 with autocast:
                     loss, extra_logs = model(x, y), {}
             loss_sum += loss.detach()
@@ -358,16 +425,16 @@ def _train(args, ddp, rank, world_size, device):
             warmup_steps = step + 1
             if n > 0:
                 copy_losses.append(total / n)
-            if len(copy_losses) == copy_losses.maxlen and sum(copy_losses) / len(copy_losses) < args.mc_warmup_exit:
+            if len(copy_losses) == copy_losses.maxlen and sum(copy_losses) / len(copy_losses) < mc_cfg.warmup_exit:
                 warm_done = True
                 print0(f"copy warm-up done at step {step + 1}: copy-row loss {sum(copy_losses) / len(copy_losses):.3f}")
         if not math.isfinite(train_loss_value):
             raise RuntimeError(f"the training loss is {train_loss_value} at step {step}: diverged")
         dt = time.time() - t0
-        total_time += dt if step > 0 else 0.0
+        total_time += dt if step > start_step else 0.0  # the first step (compilation, warm-up) does not count
         step += 1
         pbar.update(1)
-        msg = (f"step {step:05d} | loss: {train_loss_value:.4f} | lrm: {lrm:.2f} | epoch progress: {progress:.3f} "
+        msg = (f"step {step:05d} | loss: {train_loss_value:.6f} | lrm: {lrm:.2f} | epoch progress: {progress:.3f} "
                f"| dt: {dt * 1000:.0f}ms | tok/sec: {int(total_batch_size / dt):,}")
         mc_means = mc_window.flush()
         if mc_means:
@@ -377,6 +444,12 @@ def _train(args, ddp, rank, world_size, device):
             tqdm.write(msg) if not pbar.disable else print(msg, flush=True)
         wandb_run.log({"step": step, "train/loss": train_loss_value, "train/lrm": lrm,
                        "train/tok_per_sec": int(total_batch_size / dt), **for_wandb(mc_means)})
+        signum = stop.requested(ddp, device)  # after every step, on every rank: they stop together
+        if signum:
+            save(step, say=False)
+            pbar.close()
+            wandb_run.finish()
+            stop.exit(signum, f"saved {checkpoint_dir} step {step}", master)
     pbar.close()
     if ddp and mc_trainer is not None:
         # every rank must hold the same GPT + GistNet + LensNet weights: a cheap, visible check
@@ -384,16 +457,10 @@ def _train(args, ddp, rank, world_size, device):
         print_line(f"rank {rank}/{world_size} | mc final loss: {train_loss_value} | "
                    f"mc checksum: {param_checksum([orig_model, *extra_modules.values()]):.10e}")
 
-    meta = {k: v for k, v in base_meta.items() if k not in ("dataloader_state", "loop_state", "user_config")}
-    meta.update(model_config=orig_model.config_dict(), user_config=user_config, step=step,
-                train_loss=train_loss_value, val_bpb=val_bpb, world_size=world_size,
-                device_batch_size=B, max_seq_len=T, source={"stage": "base", "model_tag": model_tag,
-                                                            "step": base_meta.get("step")})
-    if mc_cfg is not None:
-        meta["mc_config"] = mc_cfg.to_dict()
-    model_data = {"gpt": orig_model.state_dict(), **passthrough,
-                  **{n: m.state_dict() for n, m in extra_modules.items()}}
-    save_checkpoint(checkpoint_dir, step, model_data, [o.state_dict() for o in optimizers], meta, rank=rank)
+    if master:  # the final evaluation's result, and the mark that --resume=auto has nothing left to do
+        meta.update(val_bpb=val_bpb, finished=True)
+        meta["loop_state"].update(val_bpb=val_bpb, min_val_bpb=min_val_bpb, text_bpb=text_bpb)
+        save_meta(checkpoint_dir, step, meta)
     print0(f"saved {checkpoint_dir} step {step} | min val bpb: {min_val_bpb:.4f} | time: {total_time / 60:.2f}m")
 
     from nanochat.report import get_report

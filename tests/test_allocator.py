@@ -253,7 +253,7 @@ def test_illegal_edits_raise_clear_errors():
 
 
 def test_bad_budget_and_score_length_raise():
-    cfg = MCConfig()
+    cfg = MCConfig(tail_tokens=128)
     wc = recency_pyramid(5000, 512, cfg)
     with pytest.raises(BudgetError, match="smaller than the protected raw tail"):
         refocus(wc, np.zeros(len(wc)), 100, None, cfg)

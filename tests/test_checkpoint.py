@@ -156,9 +156,9 @@ def test_vocab_mismatch_is_a_user_error(tiny_base_env):
 
 
 def test_mc_flags_override_a_checkpoint_config_and_are_validated_merged():
-    """A later stage's --mc-* flags override the checkpoint's MCConfig field by field (OVERRIDABLE only); the
-    result is validated, not the flags alone: --mc-train-hist-budget 96 is legal beside the checkpoint's 32 tail
-    tokens, though not beside the default 128 (it raised before)."""
+    """A later stage's --mc-* flags override the checkpoint's MCConfig field by field (not the ARCHITECTURE
+    fields); the result is validated, not the flags alone: --mc-train-hist-budget 96 is legal beside the
+    checkpoint's 32 tail tokens, though it would not be beside a tail of 128."""
     import argparse
     from megacontext.training.trainer import resolve_mc_config
     from megacontext.config import MCConfig, add_mc_args
@@ -168,9 +168,39 @@ def test_mc_flags_override_a_checkpoint_config_and_are_validated_merged():
     assert (cfg.budget, cfg.tail_tokens, cfg.train_hist_budget, cfg.hist_budget()) == (224, 32, 96, 96)
     assert resolve_mc_config(parser.parse_args([]), src) == MCConfig(budget=192, tail_tokens=32)
     with pytest.raises(UserError, match="train_hist_budget"):  # the merged config is still checked
-        resolve_mc_config(parser.parse_args(["--mc-train-hist-budget", "300"]), src)
+        resolve_mc_config(parser.parse_args(["--mc-train-hist-budget", "40"]), src)  # < tail + K
     with pytest.raises(UserError, match="cannot change between stages"):
         resolve_mc_config(parser.parse_args(["--mc-block-size", "16"]), src)
+
+
+def test_an_explicit_mc_flag_wins_over_the_checkpoint_even_when_it_equals_the_default():
+    """`--mc-budget 512` on a checkpoint trained at 224 reads 512: a flag given on the command line is never
+    mistaken for one left out, whatever its value (512 is MCConfig's own default budget)."""
+    import argparse
+    from megacontext.training.trainer import resolve_mc_config
+    from megacontext.config import MCConfig, add_mc_args
+    parser = add_mc_args(argparse.ArgumentParser())
+    src = {"mc_config": MCConfig(budget=224, tail_tokens=32, train_hist_budget=96, gist_bow_weight=0.0).to_dict()}
+    assert MCConfig().budget == 512 and MCConfig().gist_bow_weight == 1.0
+    cfg = resolve_mc_config(parser.parse_args(["--mc-budget", "512", "--mc-gist-bow-weight", "1.0"]), src)
+    assert (cfg.budget, cfg.gist_bow_weight) == (512, 1.0)
+    assert (cfg.tail_tokens, cfg.train_hist_budget) == (32, 96)  # what the flags do not name stays the checkpoint's
+    left_out = resolve_mc_config(parser.parse_args([]), src)
+    assert (left_out.budget, left_out.gist_bow_weight) == (224, 0.0)
+
+
+def test_a_fresh_mc_config_is_sized_from_the_gpt_sequence_length():
+    import argparse
+    from megacontext.config import MCConfig, add_mc_args, mc_config_from_args
+    parser = add_mc_args(argparse.ArgumentParser())
+    sized = {T: mc_config_from_args(parser.parse_args([]), seq_len=T) for T in (256, 2048)}
+    assert [(c.budget, c.tail_tokens, c.train_hist_budget) for c in sized.values()] == [(256, 32, 96),
+                                                                                         (2048, 256, 768)]
+    given = mc_config_from_args(parser.parse_args(["--mc-budget", "224"]), seq_len=256)
+    assert (given.budget, given.tail_tokens, given.train_hist_budget) == (224, 32, 96)
+    assert mc_config_from_args(parser.parse_args(["--mc-tail-tokens", "64"]), seq_len=256).tail_tokens == 64
+    assert MCConfig.from_dict(dict(MCConfig(budget=192, tail_tokens=32).to_dict(), train_hist_budget=0)) \
+        .train_hist_budget == 96  # an older checkpoint's 0: max(budget // 2, tail + K)
 
 
 def test_mc_config_of_an_older_checkpoint_drops_retired_fields():
@@ -179,3 +209,14 @@ def test_mc_config_of_an_older_checkpoint_drops_retired_fields():
     assert MCConfig.from_dict(old) == MCConfig(budget=224)
     with pytest.raises(ValueError, match="unknown MegaContext config fields"):
         MCConfig.from_dict(dict(old, budgett=224))
+
+
+def test_save_keeps_only_the_newest_steps(tmp_path):
+    model = make_model(100)
+    d = str(tmp_path / "ck")
+    for step in (1, 2, 3, 4):
+        cm.save_checkpoint(d, step, {"gpt": model.state_dict()}, [{"s": step}], {"step": step}, keep=2)
+    assert sorted(os.listdir(d)) == ["meta_000003.json", "meta_000004.json", "model_000003.pt", "model_000004.pt",
+                                     "optim_000003_rank0.pt", "optim_000004_rank0.pt"]
+    cm.save_checkpoint(d, 5, {"gpt": model.state_dict()}, None, {"step": 5})  # keep=None: nothing deleted
+    assert cm.find_last_step(d) == 5 and len(os.listdir(d)) == 8

@@ -223,6 +223,12 @@ def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
             limit = max(fixed) if fixed else 128
             assert all(cell[m] is None or cell[m] <= limit for m in FOCUSED if m in cell)
     assert a["position_scheme"]["winner"] in ("slot", "gaussian", "tie")
+    # what wandb receives: every non-null cell under a flat key, the same numbers as the JSON
+    from scripts.mc_eval import wandb_figures
+    figs = wandb_figures(a)
+    assert figs["mc_eval/passkey/4x/truncation"] == a["passkey"]["4"]["truncation"]
+    assert "mc_eval/passkey/4x/full" not in figs  # null: the history exceeds the GPT's sequence length
+    assert figs["mc_eval/long_doc/megacontext"] == a["long_doc"]["megacontext"]
     # determinism: same flags, same numbers
     _run(tmp_path / "b" / "mc_eval.json")
     with open(tmp_path / "b" / "mc_eval.json") as f:
@@ -383,7 +389,7 @@ def test_quality_plan_histories():
     assert hist == {"level_1": 192, "level_2": 32 * 32 + 32, "lens": 192} and why == {}
     assert lens_candidates(192, cfg) >= 2
     # a tail of 128 in a 256-token GPT: level 1 fits, but its base WC (B_h 256) is all raw -> a longer lens history
-    cfg = MCConfig(budget=512, tail_tokens=128)
+    cfg = MCConfig(budget=512, tail_tokens=128, train_hist_budget=256)
     hist, why = quality_plan(cfg, 256, 64)
     assert hist["level_1"] == 192 and lens_candidates(192, cfg) == 0
     assert hist["lens"] > 192 and hist["lens"] % 32 == 0 and lens_candidates(hist["lens"], cfg) >= 2

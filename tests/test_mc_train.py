@@ -110,7 +110,8 @@ def test_mid_and_sft_carry_mc_weights(mc_base):
                           "--mc-mix-multiples=4", "--mc-mix-batch-size=2", "--mc-lens-weight=0.5",
                           "--mc-train-plain-lm=0"])
     m2, o2, mmeta = load(mc_base, "mid_checkpoints", "d1", 2)
-    assert mmeta["mc_config"] == {**bmeta["mc_config"], "lens_weight": 0.5, "train_plain_lm": 0.0}
+    assert mmeta["mc_config"] == {**bmeta["mc_config"], "lens_weight": 0.5, "train_plain_lm": 0.0, "mix_share": 1.0,
+                                  "mix_warmup": 0.5, "mix_multiples": "4", "mix_batch_size": 2}
     assert set(m2["gistnet"]) == set(b3["gistnet"]) and set(m2["lensnet"]) == set(b3["lensnet"])
     assert any(not torch.equal(m2["gistnet"][k], b3["gistnet"][k]) for k in b3["gistnet"])
     assert any(not torch.equal(m2["lensnet"][k], b3["lensnet"][k]) for k in b3["lensnet"])
@@ -166,6 +167,7 @@ def test_random_tokens_keep_loss_at_log_v(tiny_base_env, monkeypatch):
     monkeypatch.setattr(dl, "tokenizing_distributed_data_loader", random_loader)
     monkeypatch.setattr(base_train, "init_wandb", lambda *a, **k: rec)
     base_train.main(TINY + MC + ["--num-iterations=12", "--log-every=1", "--embedding-lr=1.0",
+                                 "--mc-train-variants=pyramid,random,lens,truncate",
                                  "--unembedding-lr=0.05", "--model-tag=rand"])
     lm = [(k, v) for d in rec.logs for k, v in d.items()
           if k.startswith("mc/loss_by_variant/") or k == "mc/plain_lm_loss"]
@@ -243,8 +245,9 @@ def test_torchrun_mc_ranks_agree(tiny_base_env):
     assert [f[0] for f in finals] == ["0", "1"] and finals[0][1:] == finals[1][1:], mid.stdout
 
 
-def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
-    """--mc-train-rows r: the MC objective on the first r rows, plain LM on the rest, row-weighted."""
+def test_train_row_share_mixes_mc_rows_and_plain_lm_rows():
+    """--mc-train-row-share f: the MC objective on the first round(f B) rows, plain LM on the rest, row-weighted;
+    midtraining and SFT take the mid_* shares."""
     from megacontext.checkpoint import build_mc_modules
     from megacontext.training.trainer import MCTrainer
     from megacontext.config import MCConfig
@@ -254,7 +257,7 @@ def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
     gpt.init_weights()
     base = dict(budget=64, tail_tokens=32, train_min_target=32, max_level=2, gist_layers=1, lens_dim=32,
                 lens_heads=2, lens_layers=1, train_plain_lm=0.0)
-    cfg = MCConfig(train_rows=2, **base)
+    cfg = MCConfig(train_row_share=0.4, **base)  # 2 of 5 rows
     nets = build_mc_modules(gpt, cfg)
     x = torch.randint(0, 97, (5, 193))
     x, y = x[:, :-1], x[:, 1:]
@@ -276,6 +279,8 @@ def test_train_rows_mixes_mc_rows_and_plain_lm_rows():
     assert shapes == [(3, 192), (5, 192)] and "mc/plain_lm_loss" in metrics
     assert torch.allclose(loss_plain, gpt(x, y), atol=1e-6)
     MCTrainer(gpt, nets, cfg, lm=torch.compile(gpt))  # what base_train passes on CUDA (not called: no compile)
+    mid = MCTrainer(gpt, nets, MCConfig(**{**base, "mid_row_share": 0.4, "mid_plain_lm": 0.0}), seed=1, stage="mid")
+    assert torch.allclose(mid.loss(x, y, step=3)[0], loss, atol=1e-6)  # the mid shares: the same 2 of 5 rows
 
 
 def test_copy_warmup_ends_once_the_copy_loss_is_low(mc_base, capsys):

@@ -1,6 +1,8 @@
 """
 run10.sh / speedrun.sh / run1000.sh: `--dry-run` prints the plan and runs nothing; every module the
-plan runs exists, its --help works, and it accepts every flag the plan passes it.
+plan runs exists, its --help works, and it accepts every flag the plan passes it; MegaContext is on unless
+--no-mc; `--smoke` runs the very pipeline at toy size on this CPU (2 torchrun ranks over gloo), and a second
+run skips every finished stage.
 """
 import json
 import re
@@ -15,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["run10.sh", "speedrun.sh", "run1000.sh"]
 STAGES = ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train",
           "scripts.base_loss", "scripts.base_eval", "scripts.mid_train", "scripts.chat_eval --source=mid",
-          "scripts.chat_sft", "scripts.chat_eval --source=sft", "nanochat.report generate"]
+          "scripts.chat_sft", "scripts.chat_eval --source=sft", "scripts.mc_eval", "scripts.mc_bench",
+          "nanochat.report generate"]
 
 
 def dry_run(script, *args, tmp_path):
@@ -69,12 +72,21 @@ def test_plan_has_every_stage_in_order(plans, script):
         positions.append(hits[0])
     assert positions == sorted(positions), f"{script}: stages out of order:\n{plan}"
     # set-up before anything runs: venv, torch before the package, base dir exported
-    assert lines.index(".venv/bin/pip install torch") < lines.index(".venv/bin/pip install -e .")
+    torch_line = next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/pip install torch=="))
+    assert torch_line < lines.index(".venv/bin/pip install -e .")  # a pinned build, never "whatever is newest"
     assert any(line.startswith("export NANOCHAT_BASE_DIR=") for line in lines)
     assert lines.index("wait") < positions[STAGES.index("scripts.base_train")]  # data complete before training
     # the wandb run name from the environment reaches every training command
-    for stage in ("scripts.base_train", "scripts.mid_train", "scripts.chat_sft"):
+    for stage in ("scripts.base_train", "scripts.mid_train", "scripts.chat_sft", "scripts.mc_eval"):
         assert "--run=myrun" in lines[positions[STAGES.index(stage)]]
+    # an interrupted training stage continues from its last checkpoint when the script runs again
+    for stage in ("scripts.base_train", "scripts.mid_train", "scripts.chat_sft"):
+        assert "--resume=auto" in lines[positions[STAGES.index(stage)]]
+    # MegaContext by default: every training stage, and the evaluation and benchmark of the trained model
+    for stage in ("scripts.base_train", "scripts.mid_train", "scripts.chat_sft"):
+        assert "--mc" in shlex.split(lines[positions[STAGES.index(stage)]])
+    assert "--baselines-only" not in lines[positions[STAGES.index("scripts.mc_eval")]]
+    assert "--source=sft" in lines[positions[STAGES.index("scripts.mc_bench")]]
 
 
 def test_gpu_counts_and_sizes(plans):
@@ -139,23 +151,41 @@ def test_every_step_runs_help_and_accepts_its_flags(plans):
                 f"the plan passes {flag} to {mod}, whose --help does not list it"
 
 
-def test_mc_flag_and_bad_arguments(tmp_path):
+def test_no_mc_and_bad_arguments(tmp_path):
     for script in SCRIPTS:
-        plain, mc = dry_run(script, tmp_path=tmp_path), dry_run(script, "--mc", tmp_path=tmp_path)
-        assert mc.returncode == 0, mc.stderr
-        # --mc keeps the whole pipeline; it may only add flags to the training commands
-        assert [m for m, _ in module_steps(mc.stdout)] == [m for m, _ in module_steps(plain.stdout)]
-        # the recipe that fit one H100 at depth 20 (dev/LOG.md, 2026-11-22, 'the first CUDA runs'), each flag once: the run
-        # script's own --device-batch-size is dropped, not left for argparse to override
-        for mod, want in (("scripts.base_train", ["--device-batch-size=8", "--mc-train-rows=2", "--mc-lens-cands=4"]),
-                          ("scripts.mid_train", ["--device-batch-size=8"])):
+        mc, plain = dry_run(script, tmp_path=tmp_path), dry_run(script, "--no-mc", tmp_path=tmp_path)
+        assert plain.returncode == 0, plain.stderr
+        assert dry_run(script, "--mc", tmp_path=tmp_path).stdout == mc.stdout  # --mc: the default, spelled out
+        # --no-mc keeps the whole pipeline but the benchmark of a MegaContext model it does not have
+        assert [m for m, _ in module_steps(plain.stdout)] == [m for m, _ in module_steps(mc.stdout)
+                                                             if m != "scripts.mc_bench"]
+        assert not any(w.startswith("--mc") for line in plain.stdout.splitlines() for w in shlex.split(line))
+        assert "--baselines-only" in next(line for line in plain.stdout.splitlines() if "scripts.mc_eval" in line)
+        assert "nanochat.report generate" in plain.stdout.splitlines()[-1]
+        # with MegaContext: --mc and the memory dials only (each flag once: the run script's own
+        # --device-batch-size is dropped, not left for argparse to override); no list of knobs
+        for mod, want in (("scripts.base_train", ["--mc", "--device-batch-size", "--mc-train-row-share"]),
+                          ("scripts.mid_train", ["--mc", "--device-batch-size"]), ("scripts.chat_sft", ["--mc"])):
             words = next(shlex.split(line) for line in mc.stdout.splitlines() if f"-m {mod} " in line)
-            for w in want:
-                assert [x for x in words if x.startswith(w.split("=")[0] + "=")] == [w], (script, mod, w)
+            mc_words = [w.split("=")[0] for w in words
+                        if w.startswith("--mc") or (w.startswith("--device-batch") and mod != "scripts.chat_sft")]
+            assert mc_words == want, (script, mod, words)
         bad = dry_run(script, "--nope", tmp_path=tmp_path)
         assert bad.returncode == 2 and "unknown argument: --nope" in bad.stderr
     h = subprocess.run(["bash", os.path.join(REPO, "speedrun.sh"), "--help"], capture_output=True, text=True, timeout=30)
-    assert h.returncode == 0 and "--dry-run" in h.stdout and "--mc" in h.stdout
+    assert h.returncode == 0 and all(f in h.stdout for f in ("--dry-run", "--no-mc", "--smoke", "--restart"))
+
+
+def test_smoke_plan_is_the_pipeline_on_two_cpu_ranks(tmp_path):
+    plan = dry_run("speedrun.sh", "--smoke", tmp_path=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    assert "source dev/setup.sh" in lines and not any("pip install torch==" in line for line in lines)
+    assert any("nanochat.dataset --offline" in line for line in lines)
+    train = [line for line in lines if "scripts.base_train" in line or "scripts.mid_train" in line]
+    assert train and all(line.startswith("torchrun --standalone --nproc_per_node=2 ") for line in train)
+    full = dry_run("speedrun.sh", tmp_path=tmp_path).stdout
+    assert {m for m, _ in module_steps(plan.stdout)} == {m for m, _ in module_steps(full)}  # every stage
 
 
 def _bin_dir(tmp_path, gpus):
@@ -183,3 +213,31 @@ def test_real_run_checks_the_gpus_first(tmp_path, gpus, message):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert not (tmp_path / "b").exists()
+
+
+def smoke(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "OMP_"))}
+    env.update({"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(["bash", os.path.join(REPO, "speedrun.sh"), "--smoke", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mc", [True, False], ids=["mc", "no-mc"])
+def test_smoke_runs_the_gpu_pipeline_on_cpu_and_a_rerun_skips_every_stage(tmp_path, mc):
+    out = smoke(tmp_path, *([] if mc else ["--no-mc"]))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    report = (tmp_path / "base" / "report" / "report.md").read_text()
+    for section in ("Base model training", "Midtraining", "Chat SFT", "MegaContext evaluation"):
+        assert section in report, section
+    assert ("MegaContext benchmark" in report) == mc
+    ev = json.loads((tmp_path / "base" / "report" / "mc_eval.json").read_text())
+    assert ev["config"]["mc_weights"] == mc and ev["passkey"]["4"]["truncation"] is not None
+    assert (ev["passkey"]["4"].get("megacontext") is not None) == mc
+    again = smoke(tmp_path, *([] if mc else ["--no-mc"]))
+    assert again.returncode == 0, again.stderr[-3000:]
+    skipped = re.findall(r"skip (\S+): finished in an earlier run", again.stderr)
+    assert {"tokenizer", "base-train", "mid-train", "sft", "mc-eval"} <= set(skipped), again.stderr[-3000:]
+    assert "+ torchrun" not in again.stderr  # nothing trained again
+    other = smoke(tmp_path, *(["--no-mc"] if mc else []))  # the other plan in the same base dir: refused
+    assert other.returncode == 2 and "other settings" in other.stderr

@@ -82,7 +82,7 @@ def test_pyramid_properties(N, K, tail_blocks, max_level, extra):
 
 
 def test_pyramid_budget_errors_are_clear():
-    cfg = MCConfig()
+    cfg = MCConfig(tail_tokens=128)
     with pytest.raises(BudgetError, match="smaller than the protected raw tail"):
         recency_pyramid(1000, 100, cfg)
     with pytest.raises(BudgetError, match=r"--mc-max-level to >= 3"):

@@ -11,56 +11,51 @@ import dataclasses
 import numpy as np
 
 from megacontext.checkpoint import MC_NETS, load_mc_modules, missing_mc
-from megacontext.config import MCConfig, mc_config_from_args
+from megacontext.config import MCConfig, given_mc_flags, mc_config_from_args
 from megacontext.training.needle import needle_loss
 from megacontext.training.objective import MCObjective
 from nanochat.common import UserError
 
-# MCConfig fields a later stage may change with a flag (training / focus knobs); every other field
-# shapes the nets or the memory, so it must equal the source checkpoint's value
-OVERRIDABLE = {"tau", "max_edits", "cooldown", "budget", "train_hist_budget", "train_min_target", "train_variants",
-               "train_plain_lm", "train_rows", "lens_weight", "lens_cands", "lens_temp", "rerank_k", "gist_bow_weight"}
+# MCConfig fields that shape the nets or the memory: a later stage must keep the source checkpoint's value.
+# Every other field (training, focus and mixture knobs, the budget) may change with a flag.
+ARCHITECTURE = {"block_size", "max_level", "storage_dtype", "positions", "gist_layers", "gist_heads", "gist_pool",
+                "lens_dim", "lens_layers", "lens_heads", "rerank_dim", "rerank_layers"}
 
 
-def resolve_mc_config(args, src_meta=None):
+def resolve_mc_config(args, src_meta=None, seq_len=None):
     """
-    The MCConfig of a run. Without a source mc_config (pretraining, or a source trained without
-    --mc): from the --mc-* flags. With one: the source's config, where a --mc-* flag set to a value
-    other than its default overrides the source only for the fields in OVERRIDABLE; a conflicting
-    architecture field (block size, levels, GistNet/LensNet shape, positions) is a UserError.
+    The MCConfig of a run. Without a source mc_config (pretraining, or a source trained without --mc): the
+    flags given, sized from the GPT's sequence length `seq_len` (config.mc_config_from_args). With one: the
+    source's config, where every --mc-* flag given on the command line wins, even one equal to the default (a
+    flag left out never does); a flag that contradicts an ARCHITECTURE field is a UserError.
     """
     src = (src_meta or {}).get("mc_config")
-    if not src:
-        try:
-            return mc_config_from_args(args)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    base = MCConfig.from_dict(src)
-    default = MCConfig()
-    changes, conflicts = {}, []
-    for f in dataclasses.fields(MCConfig):
-        # the flags are read one by one, not validated as a config of their own: `--mc-train-hist-budget 96` on
-        # a checkpoint with 32 tail tokens is valid, though not next to the default tail of 128
-        mine, theirs = getattr(args, "mc_" + f.name), getattr(base, f.name)
-        if mine == getattr(default, f.name) or mine == theirs:
-            continue  # flag left at its default (or agreeing): the checkpoint's value holds
-        if f.name in OVERRIDABLE:
-            changes[f.name] = mine
-        else:
-            conflicts.append(f"--mc-{f.name.replace('_', '-')}={mine} (checkpoint: {theirs})")
-    if conflicts:
-        raise UserError("MegaContext flags conflict with the source checkpoint's mc_config: " + ", ".join(conflicts)
-                        + "; these fields shape the nets and cannot change between stages")
     try:
+        if not src:
+            return mc_config_from_args(args, seq_len)
+        base = MCConfig.from_dict(src)
+        changes, conflicts = {}, []
+        for name, mine in given_mc_flags(args).items():
+            theirs = getattr(base, name)
+            if mine == theirs:
+                continue
+            if name in ARCHITECTURE:
+                conflicts.append(f"--mc-{name.replace('_', '-')}={mine} (checkpoint: {theirs})")
+            else:
+                changes[name] = mine
+        if conflicts:
+            raise UserError("MegaContext flags conflict with the source checkpoint's mc_config: " + ", ".join(conflicts)
+                            + "; these fields shape the nets and cannot change between stages")
+        # the flags are applied one by one, not re-derived: `--mc-budget 512` keeps the checkpoint's tail and B_h
         return dataclasses.replace(base, **changes)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0, lm=None):
+def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0, lm=None, stage="mid"):
     """
     --mc in a stage that starts from a checkpoint (midtraining, SFT): the MCConfig (the source's, with
-    the overridable --mc-* flags), GistNet + LensNet loaded from `passthrough` (a one-line UserError
+    the --mc-* flags given), GistNet + LensNet loaded from `passthrough` (a one-line UserError
     naming `where` if the source has none), the other passthrough nets, and the MCTrainer.
     Returns (cfg, nets, passthrough_without_mc_nets, trainer).
     """
@@ -69,7 +64,7 @@ def mc_from_source(args, gpt, passthrough, meta, where, device, rank=0, lm=None)
     cfg = resolve_mc_config(args, meta)
     nets = load_mc_modules(gpt, passthrough, meta, where, cfg=cfg, device=device)
     rest = {k: v for k, v in passthrough.items() if k not in MC_NETS}
-    return cfg, nets, rest, MCTrainer(gpt, nets, cfg, seed=args.seed, rank=rank, lm=lm)
+    return cfg, nets, rest, MCTrainer(gpt, nets, cfg, seed=args.seed, rank=rank, lm=lm, stage=stage)
 
 
 class MCTrainer:
@@ -82,7 +77,9 @@ class MCTrainer:
     runs the plain-LM rows of the usual batch shape: the training scripts pass torch.compile(gpt) on CUDA.
     """
 
-    def __init__(self, gpt, nets, cfg, seed=0, rank=0, lm=None):
+    def __init__(self, gpt, nets, cfg, seed=0, rank=0, lm=None, stage="base"):
+        if stage != "base":  # midtraining and SFT: their chat and text rows take the mid_* shares
+            cfg = dataclasses.replace(cfg, train_plain_lm=cfg.mid_plain_lm, train_row_share=cfg.mid_row_share)
         self.gpt, self.nets, self.cfg, self.seed, self.rank = gpt, nets, cfg, seed, rank
         self.objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"], cfg, lm=lm)
         self.split_objective = MCObjective(gpt, nets["gistnet"], nets["lensnet"],
@@ -107,14 +104,15 @@ class MCTrainer:
             return self.split_objective.loss(x, y, self.rng(step, micro), step, s=s)
         if x.size(1) < self.min_len():
             return self.gpt(x, y), {}
-        r = self.cfg.train_rows
-        if r and x.size(0) > r:
+        B = x.size(0)
+        r = B if self.cfg.train_row_share >= 1 else max(1, round(self.cfg.train_row_share * B))
+        if r < B:
             # the MC objective on the first r rows, plain LM on the rest: its counterfactual and variant
             # forwards cost several times a plain forward, so a CPU run buys it for a few rows per step
             mc_loss, metrics = self.objective.loss(x[:r], y[:r], self.rng(step, micro), step)
             lm_loss = self.objective.lm(x[r:], y[r:])
             metrics["mc/rest_lm_loss"] = float(lm_loss.detach())
-            return (r * mc_loss + (x.size(0) - r) * lm_loss) / x.size(0), metrics
+            return (r * mc_loss + (B - r) * lm_loss) / B, metrics
         return self.objective.loss(x, y, self.rng(step, micro), step)
 
 
@@ -133,4 +131,4 @@ def param_checksum(modules):
     return sum(p.detach().double().sum().item() for m in modules for p in m.parameters())
 
 
-__all__ = ["OVERRIDABLE", "resolve_mc_config", "mc_from_source", "MCTrainer", "mc_report", "param_checksum"]
+__all__ = ["ARCHITECTURE", "resolve_mc_config", "mc_from_source", "MCTrainer", "mc_report", "param_checksum"]
