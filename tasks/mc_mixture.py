@@ -112,13 +112,15 @@ class MCMixture:
             return self._text_row(s, rng)
         # several needles may not fit a short history (small vocabularies spend many tokens on
         # them): retry with fewer, then fall back to one pass key
-        tries = {"passkey": [lambda: passkey(self.filler, self.tok, rng, s, key_in_block=self.K)],
+        # always the training half of the tasks (tasks/splits.py): the evaluation asks with the other half
+        tries = {"passkey": [lambda: passkey(self.filler, self.tok, rng, s, key_in_block=self.K, split="train")],
                  "multikey": [lambda: multikey(self.filler, self.tok, rng, s, n_keys=int(rng.integers(2, 5)),
-                                               n_decoys=int(rng.integers(0, 3))),
-                              lambda: multikey(self.filler, self.tok, rng, s, n_keys=2, n_decoys=0)],
-                 "kv_recall": [lambda: kv_recall(self.filler, self.tok, rng, s, n_pairs=int(rng.integers(2, 8))),
-                               lambda: kv_recall(self.filler, self.tok, rng, s, n_pairs=1)]}[task]
-        for make in tries + [lambda: passkey(self.filler, self.tok, rng, s)]:
+                                               n_decoys=int(rng.integers(0, 3)), split="train"),
+                              lambda: multikey(self.filler, self.tok, rng, s, n_keys=2, n_decoys=0, split="train")],
+                 "kv_recall": [lambda: kv_recall(self.filler, self.tok, rng, s, n_pairs=int(rng.integers(2, 8)),
+                                                 split="train"),
+                               lambda: kv_recall(self.filler, self.tok, rng, s, n_pairs=1, split="train")]}[task]
+        for make in tries + [lambda: passkey(self.filler, self.tok, rng, s, split="train")]:
             try:
                 ex = make()
                 break
@@ -138,7 +140,8 @@ class MCMixture:
         turns = max(0, s // 40)
         user_start = self.tok.encode_special("<|user_start|>")
         while True:
-            conv = Memory("train", size=10**6, filler_turns=(turns, turns)).get_example(int(rng.integers(10**6)))
+            conv = Memory("train", size=10**6, filler_turns=(turns, turns),
+                          heldout=False).get_example(int(rng.integers(10**6)))
             ids, mask = self.tok.render_conversation(conv, max_tokens=10**9)
             q = max(i for i, t in enumerate(ids) if t == user_start)
             if q <= s or turns == 0:

@@ -4,8 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from tasks.longctx import (COLOURS, MULTI_QUESTIONS, MULTI_QUESTIONS_HELDOUT, PASSKEY_NEEDLES, kv_recall, multikey,
-                           passkey)
+from tasks.longctx import (COLOURS, MULTI_QUESTIONS, MULTI_QUESTIONS_HELDOUT, PASSKEY_NEEDLES, PLANS, TASKS, kv_recall,
+                           multikey, passkey, raw_example)
+from tasks.splits import PASSKEY, key_split
 
 FILLER = ("The river ran past the old mill and the miller counted his sacks of grain before the winter came. "
           "In the evening the lamps were lit and the children listened to stories of kings and distant lands. ")
@@ -118,3 +119,31 @@ def test_passkey_key_span_and_key_in_block():
     straddle = [(lambda s: s[0] // 32 != (s[1] - 1) // 32)(passkey(FILLER, tok, np.random.default_rng(s), 600)
                                                           .key_spans[0]) for s in range(60)]
     assert any(straddle)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_every_raw_generator_keeps_its_spans_exact(split):
+    tok = CharTok()
+    assert set(TASKS) == set(PLANS)  # one registry line makes a task reachable both ways
+    for task in ("passkey", "multikey", "kv_recall"):
+        for seed in range(4):
+            ex = raw_example(task, FILLER, tok, np.random.default_rng(seed), 1200, split=split)
+            plan, (a, b) = ex.plan, ex.answer_span
+            assert b == len(ex.ids) and ex.answer == " " + plan.answer and tok.decode(ex.ids[a:b]) == ex.answer + "."
+            assert abs(ex.question_start - 1200) <= 1 and tok.decode(ex.ids[ex.question_start:a]) == plan.question
+            assert [tok.decode(ex.ids[s:e]) for s, e in ex.needle_spans] == plan.needles
+            assert [tok.decode(ex.ids[s:e]) for s, e in ex.decoy_spans] == plan.decoys
+            assert plan.answer in tok.decode(ex.ids[slice(*ex.needle_spans[0])]) and key_split(plan.answer) == split
+            if task == "passkey":
+                (k0, k1), = ex.key_spans
+                assert tok.decode(ex.ids[k0:k1]) == plan.answer
+            else:
+                assert ex.key_spans == []  # as before the split: the harness scores their needle sentences
+    # the eval half's needles, and a fixed depth for the asked one whatever the task
+    ex = passkey(FILLER, tok, np.random.default_rng(0), 600, split="eval")
+    needle = tok.decode(ex.ids[slice(*ex.needle_spans[0])])
+    assert needle.replace(ex.answer.strip(), "{key}") in PASSKEY["eval"]["needles"]
+    ex = raw_example("multikey", FILLER, tok, np.random.default_rng(0), 2000, split="eval", depth=0.95)
+    assert ex.needle_spans[0][0] > 1700
+    with pytest.raises(ValueError, match="split"):
+        passkey(FILLER, tok, np.random.default_rng(0), 600, split="test")

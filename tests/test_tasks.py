@@ -148,6 +148,18 @@ def test_memory_structure_and_scorer():
     assert all(len(c["messages"]) == 2 * 42 and c["decoy"] is None for c in long)
 
 
+def test_memory_heldout_half():
+    from tasks.splits import MEMORY
+    held_values = {v for f in MEMORY["eval"]["facts"].values() for v in f.values}
+    held = Memory(split="test", size=60, decoy_prob=1.0, heldout=True)
+    for conv in held:
+        msgs, fact = conv["messages"], MEMORY["eval"]["facts"][conv["kind"]]
+        assert conv["answer"] in held_values and conv["decoy"] in held_values
+        assert msgs[-2]["content"] == fact.ask and held.evaluate(conv, last_reply(conv))
+        assert not held.evaluate(conv, f"It is {conv['decoy']}.")
+    assert not any(c["answer"] in held_values for c in Memory(split="test", size=60))  # training half by default
+
+
 def test_task_slicing_mixture_sequence():
     t = Numbers(10, "a", start=2, stop=9, step=3)
     assert [t[i] for i in range(len(t))] == [("a", 2), ("a", 5), ("a", 8)]

@@ -1,0 +1,245 @@
+"""
+The two halves of every synthetic long-context task: midtraining draws split="train", the evaluation
+split="eval", and the halves share nothing a model could memorise, so the evaluation measures memory that
+generalises, not the training templates. Disjoint by construction (tests/test_splits.py checks it):
+
+- needle sentences, decoy sentences and question wordings (raw and chat forms) of passkey, multikey and
+  kv_recall (tasks/longctx.py);
+- the labels: multikey colours, kv-recall words;
+- the chat-memory facts (tasks/memory.py, tasks/longctx.chat_memory): how a fact is stated and asked,
+  its values, the decoys' owners;
+- the chat filler (tasks/chat_view.py): small talk, acknowledgements, the lines around pasted text, sums;
+- the keys' values (below). The filler TEXT is the caller's: pretraining text for training, the held-out
+  corpus (nanochat.dataset.load_heldout_text) for evaluation.
+
+Shared on purpose, because they are the answer's format and not what is remembered: the answer prefixes
+that end a raw question ("The pass key is", "The {c} key is", "{k} ->") and the chat replies of passkey,
+multikey and kv_recall, which are those prefixes followed by the value.
+
+Keys: the same shape in both halves (5 digits, any digit in any place), so the evaluation measures memory
+and not format; disjoint values by digit-sum parity: a train key's digits sum to an even number, an eval
+key's to an odd one. Parity belongs to the whole key: no digit, position or token (keys are tokenized two
+digits at a time) tells the halves apart, and each half is exactly half of 00000-99999.
+"""
+from collections import namedtuple
+
+SPLITS = ("train", "eval")
+
+
+def check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def key_parity(split):
+    """The digit-sum parity of the split's keys: 0 (even) for train, 1 (odd) for eval."""
+    return SPLITS.index(check_split(split))
+
+
+def key_split(key):
+    """Which half a digit string belongs to."""
+    return SPLITS[sum(int(d) for d in key) % 2]
+
+
+# --------------------------------------------------------------------------- passkey
+# questions: (raw: the text after the history, ending where the key starts; chat: the user's last turn)
+PASSKEY = {
+    "train": {
+        "needles": [
+            " The pass key is {key}. Remember it. ",
+            " Remember this: the pass key is {key}. ",
+            " Note that the secret pass key is {key}. ",
+            " By the way, the pass key is {key}. ",
+        ],
+        "questions": [
+            ("\nWhat is the pass key? The pass key is", "What is the pass key?"),
+            ("\nQuestion: what was the pass key mentioned above? The pass key is",
+             "Question: what was the pass key I mentioned?"),
+            ("\nRecall the secret number. The pass key is", "Recall the secret number: the pass key."),
+        ],
+    },
+    "eval": {
+        "needles": [
+            " Keep this in mind: the pass key is {key}. ",
+            " Here is the pass key: {key}. Do not lose it. ",
+            " The pass key you will need is {key}. ",
+            " Write this down, the pass key is {key}. ",
+        ],
+        "questions": [
+            ("\nWhich pass key was given earlier? The pass key is", "Which pass key did I give you earlier?"),
+            ("\nName the pass key from the text. The pass key is", "Can you tell me that pass key again?"),
+            ("\nI need the pass key now. The pass key is", "Remind me of the pass key, please."),
+        ],
+    },
+}
+PASSKEY_REPLY = "The pass key is {v}."
+
+# --------------------------------------------------------------------------- multikey
+# decoys use the ASKED label with another noun: only reading the question and the needle together answers
+MULTIKEY = {
+    "train": {
+        "labels": ["red", "blue", "green", "gold", "gray", "pink", "teal", "navy", "lime", "rose"],
+        "needles": [" The {c} key is {key}. ", " Note: the {c} key is {key}. "],
+        "decoys": [" The {c} code is {key}. ", " A {c} lock was {key}. ", " The {c} door is {key}. "],
+        "questions": [
+            ("\nWhat is the {c} key? The {c} key is", "What is the {c} key?"),
+            ("\nQuestion: which number is the {c} key? The {c} key is", "Which number is the {c} key?"),
+            ("\nRecall the number given for the {c} key. The {c} key is", "Recall the number given for the {c} key."),
+        ],
+    },
+    "eval": {
+        "labels": ["violet", "olive", "maroon", "beige", "cyan", "tan", "plum", "mint", "rust", "khaki"],
+        "needles": [" The {c} key reads {key}. ", " Here is the {c} key: {key}. "],
+        "decoys": [" The {c} box holds {key}. ", " A {c} ticket says {key}. ", " The {c} badge shows {key}. "],
+        "questions": [  # the first two are the held-out wording mc_eval has asked with since before the split
+            ("\nTell me the {c} key from the text above. The {c} key is", "Tell me the {c} key from before."),
+            ("\nWhich value did the {c} key have? The {c} key is", "Which value did the {c} key have?"),
+            ("\nWhat number went with the {c} key? The {c} key is", "What number went with the {c} key?"),
+        ],
+    },
+}
+MULTIKEY_REPLY = "The {c} key is {v}."
+
+# --------------------------------------------------------------------------- kv_recall
+KV = {
+    "train": {
+        "labels": ["apple", "river", "stone", "cloud", "maple", "tiger", "ember", "frost", "pearl", "cedar", "quill",
+                   "amber", "delta", "lotus", "raven", "sable", "coral", "ivory", "onyx", "willow"],
+        "needles": [" Record: {k} -> {v}. "],
+        "questions": [("\nLook up the record. {k} ->", "Look up the record for {k}.")],
+    },
+    "eval": {
+        "labels": ["badger", "canyon", "meadow", "harbor", "lantern", "falcon", "orchid", "pebble", "thistle",
+                   "walnut", "cobalt", "juniper", "marble", "nectar", "saddle", "tundra", "velvet", "zephyr",
+                   "basil", "comet"],
+        "needles": [" Entry: {k} -> {v}. ", " Logged: {k} -> {v}. "],
+        "questions": [("\nFind the entry. {k} ->", "Find the entry for {k}."),
+                      ("\nSearch the log. {k} ->", "What is logged under {k}?")],
+    },
+}
+KV_REPLY = "{k} -> {v}."
+
+# --------------------------------------------------------------------------- chat memory
+# state: how the user says it; decoy: the same kind of fact about {owner}; ask: the question; reply: the answer
+Fact = namedtuple("Fact", "state decoy ask reply values")
+MEMORY = {
+    "train": {
+        "facts": {
+            "colour": Fact("my favourite colour is {v}", "{owner} favourite colour is {v}",
+                           "What was my favourite colour?", "Your favourite colour is {v}.",
+                           ["red", "blue", "green", "yellow", "purple", "orange", "teal", "pink", "black", "white"]),
+            "pet": Fact("my dog's name is {v}", "{owner} dog's name is {v}", "What is my dog called?",
+                        "Your dog is called {v}.",
+                        ["Rex", "Biscuit", "Luna", "Pepper", "Milo", "Daisy", "Otto", "Ziggy", "Nala", "Bruno"]),
+            "city": Fact("I was born in {v}", "{owner} home town is {v}", "Which city was I born in?",
+                         "You were born in {v}.",
+                         ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Dublin", "Quito", "Perth", "Denver", "Madrid"]),
+            "number": Fact("my lucky number is {v}", "{owner} lucky number is {v}", "What is my lucky number?",
+                           "Your lucky number is {v}.", ["7", "13", "21", "42", "58", "64", "77", "88", "93", "101"]),
+            "food": Fact("my favourite food is {v}", "{owner} favourite food is {v}", "What's my favourite food?",
+                         "Your favourite food is {v}.",
+                         ["pizza", "sushi", "tacos", "curry", "pasta", "ramen", "falafel", "paella", "dumplings",
+                          "pancakes"]),
+        },
+        "owners": ["my sister's", "my friend's", "my boss's", "my neighbour's"],
+        "lead_in": "By the way, {s}.",       # the asked fact
+        "decoy_lead_in": "Also, {s}.",       # a decoy
+    },
+    "eval": {
+        "facts": {
+            "colour": Fact("the shade I like best is {v}", "{owner} preferred shade is {v}",
+                           "Which shade do I like best?", "The shade you like best is {v}.",
+                           ["indigo", "crimson", "magenta", "turquoise", "lavender", "scarlet", "silver", "bronze",
+                            "ochre", "emerald"]),
+            "pet": Fact("my cat is called {v}", "{owner} cat is called {v}", "What's the name of my cat?",
+                        "Your cat is called {v}.",
+                        ["Whiskers", "Mochi", "Jasper", "Clover", "Pixel", "Saffron", "Tofu", "Nugget", "Sprout",
+                         "Gizmo"]),
+            "city": Fact("I grew up in {v}", "{owner} family comes from {v}", "Where did I grow up?",
+                         "You grew up in {v}.",
+                         ["Kyoto", "Lisbon", "Nairobi", "Hanoi", "Bergen", "Cusco", "Tbilisi", "Adelaide", "Montreal",
+                          "Seville"]),
+            "number": Fact("the number I always bet on is {v}", "{owner} betting number is {v}",
+                           "Which number do I always bet on?", "You always bet on {v}.",
+                           ["3", "11", "17", "29", "36", "45", "52", "69", "84", "97"]),
+            "food": Fact("the dish I love most is {v}", "{owner} go-to dish is {v}", "Which dish do I love most?",
+                         "The dish you love most is {v}.",
+                         ["lasagna", "risotto", "burritos", "kimchi", "gnocchi", "biryani", "waffles", "goulash",
+                          "ceviche", "pierogi"]),
+        },
+        "owners": ["my cousin's", "my uncle's", "my coworker's", "my roommate's"],
+        "lead_in": "Oh, before I forget: {s}.",
+        "decoy_lead_in": "One more thing, {s}.",
+    },
+}
+
+# --------------------------------------------------------------------------- chat filler
+CHAT = {
+    "train": {
+        "acks": ["Got it, I'll remember that.", "Noted!", "Thanks for telling me.", "Okay, I'll keep that in mind."],
+        "small_talk": [
+            ("How's the weather where you are?", "I don't experience weather, but I hope it's nice where you are!"),
+            ("Any tips for sleeping better?",
+             "Keep a regular schedule, avoid screens before bed, and keep the room cool and dark."),
+            ("Tell me a fun fact.", "Octopuses have three hearts and blue blood."),
+            ("What should I cook tonight?", "How about a simple stir-fry with vegetables and rice?"),
+            ("I'm a bit bored.", "Maybe try a short walk, a new book, or a puzzle?"),
+            ("Recommend a hobby.", "Drawing is a great hobby: cheap to start and relaxing."),
+            ("What's a good name for a plant?", "How about Fernando the fern?"),
+            ("Is it better to run in the morning or evening?",
+             "Either works; the best time is the one you can stick to."),
+            ("How do I stay focused?", "Work in short blocks with breaks, and put your phone in another room."),
+            ("Say something encouraging.", "You're doing better than you think. Keep going!"),
+        ],
+        "sum": ("Quick one: what is {a} {op} {b}?", "{a} {op} {b} = {c}"),
+        "paste_intros": ["Here is a chapter I'm reading:", "Can you read this passage for me?",
+                         "This is from the book on my desk:"],
+        "paste_replies": ["Thanks for sharing the passage.", "That's an interesting read.", "I've read it through."],
+    },
+    "eval": {
+        "acks": ["Understood.", "All right, noted down.", "Sure, I've got that.", "Okay, thanks for letting me know."],
+        "small_talk": [
+            ("What's a good way to start the morning?", "A glass of water, some stretching and a plan for the day."),
+            ("Can you suggest a board game for four people?",
+             "Try Carcassonne: easy to learn and fun with a group."),
+            ("How do I keep my houseplants alive?",
+             "Water them when the soil is dry and give them bright, indirect light."),
+            ("Tell me something about owls.", "Owls can turn their heads about 270 degrees."),
+            ("What's a quick lunch idea?", "A wrap with hummus, lettuce and whatever vegetables you have."),
+            ("I can't decide what to watch tonight.", "Pick something short, like a documentary under an hour."),
+            ("Any advice for learning a language?",
+             "A little every day beats a lot once a week; talk to people early."),
+            ("What's a nice way to relax after work?",
+             "A short walk, some music, or a warm shower can help you unwind."),
+            ("Give me a riddle.", "What gets wetter the more it dries? A towel."),
+            ("How long should a nap be?", "About twenty minutes keeps you from waking up groggy."),
+            ("What's a fun weekend project?",
+             "Build a bird feeder: it takes an afternoon and the birds will thank you."),
+            ("Do you have a tip for writing emails?", "Put the request in the first line and keep it short."),
+        ],
+        "sum": ("Can you work out {a} {op} {b} for me?", "That comes to {c}."),
+        "paste_intros": ["Here's an excerpt I came across:", "Have a look at this text:",
+                         "I'm going through this document right now:"],
+        "paste_replies": ["Thanks, that was a nice excerpt.", "Interesting text, thank you.",
+                          "Done, I went through all of it."],
+    },
+}
+
+
+def inventory(split):
+    """Everything of one half that a model could memorise, by kind: {"templates": set, "names": set}.
+    Templates keep their placeholders; the answer formats shared on purpose (module docstring) are left out."""
+    check_split(split)
+    p, m, k, mem, chat = PASSKEY[split], MULTIKEY[split], KV[split], MEMORY[split], CHAT[split]
+    templates = set(p["needles"]) | set(m["needles"]) | set(m["decoys"]) | set(k["needles"])
+    for qs in (p["questions"], m["questions"], k["questions"]):
+        templates |= {t for pair in qs for t in pair}
+    for f in mem["facts"].values():
+        templates |= {f.state, f.decoy, f.ask, f.reply}
+    templates |= {mem["lead_in"], mem["decoy_lead_in"], *chat["acks"], *chat["sum"], *chat["paste_intros"],
+                  *chat["paste_replies"]}
+    templates |= {t for pair in chat["small_talk"] for t in pair}
+    names = set(m["labels"]) | set(k["labels"]) | {o.split()[-1] for o in mem["owners"]}
+    names |= {v for f in mem["facts"].values() for v in f.values}
+    return {"templates": templates, "names": names}
