@@ -113,6 +113,14 @@ def compute_init(device_type=None, seed=42):
     return ddp, rank, local_rank, world_size, device
 
 
+def leave_together():
+    """Under DDP, wait until every rank got here. Called on the success path only (a rank that raised must not
+    wait for one that never comes): a rank that tore its gloo group down while rank 0 still wrote the report
+    aborted under load ("terminate called without an active exception", SIGABRT) and failed the whole stage."""
+    if is_ddp() and dist.is_initialized():
+        dist.barrier()
+
+
 def compute_cleanup():
     if is_ddp() and dist.is_initialized():
         dist.destroy_process_group()
@@ -128,7 +136,9 @@ def run_distributed(train, args):
         # one rank around a line of another
         sys.stdout.reconfigure(line_buffering=True)
     try:
-        return train(args, ddp, rank, world_size, device)
+        out = train(args, ddp, rank, world_size, device)
+        leave_together()
+        return out
     finally:
         compute_cleanup()
 

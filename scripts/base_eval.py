@@ -27,8 +27,8 @@ import random
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, print0, autocast_ctx,
-                             autodetect_device_type, get_base_dir)
+from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, leave_together, print0,
+                             autocast_ctx, autodetect_device_type, get_base_dir)
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -127,7 +127,9 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, _, world_size, device = compute_init(device_type)
     try:
-        return _evaluate(args, ddp, rank, world_size, device)
+        results = _evaluate(args, ddp, rank, world_size, device)
+        leave_together()
+        return results
     finally:
         compute_cleanup()
 

@@ -10,8 +10,8 @@ greedy samples.
 import argparse
 import os
 
-from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, print0, autocast_ctx,
-                             autodetect_device_type)
+from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, leave_together, print0,
+                             autocast_ctx, autodetect_device_type)
 from nanochat.checkpoint_manager import load_model
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.engine import Engine
@@ -47,6 +47,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     try:
         _evaluate(args, world_size, device)
+        leave_together()
     finally:
         compute_cleanup()
 

@@ -23,8 +23,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, print0, autocast_ctx,
-                             autodetect_device_type, get_dist_info)
+from nanochat.common import (UserError, run_main, compute_init, compute_cleanup, leave_together, print0,
+                             autocast_ctx, autodetect_device_type, get_dist_info)
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from tasks.common import OFFLINE_TASKS, HUB_TASKS
@@ -218,6 +218,7 @@ def main(argv=None):
                  "temperature": args.temperature},
                 {**results, "ChatCORE metric": chatcore},
             ])
+        leave_together()
         return results
     finally:
         compute_cleanup()
