@@ -12,13 +12,23 @@ the same examples.
                           (megacontext/reranker.py), slot positions
     megacontext_gaussian  the same working context read with gaussian positions
     full                  every token raw (the upper bound; None where N exceeds the GPT's sequence_len)
+    bm25                  retrieval: BM25 over the raw blocks, queried with the question (megacontext/eval/bm25.py);
+                          the best blocks and their neighbours opened raw in the gist pyramid focus starts from
+    bm25_truncate         the same blocks in a plain RAG prompt: retrieved blocks in history order, then the newest
+                          raw tokens (no gists)
+    oracle                the WC that opens exactly the blocks the answer needs (`needed_spans`) from the same
+                          start: the ceiling of a perfect focus, at every history length
 
 Same budget, counted: every method but `full` gives the GPT at most L = `shared_length(N, budget,
 cfg)` input slots, the cost of the recency pyramid (the largest cost <= budget that a legal working
 context reaches; every expansion costs K - 1, so a WC cannot always fill the budget to the slot).
 The raw baselines take exactly L tokens. LensNet focus (FOCUSED) expands until no expansion fits,
 which lands on the same cost, unless it stops early: once it has opened a block it opens only that
-block's neighbours (focus.question_focus). `Context.slots` is what the tests count.
+block's neighbours (focus.question_focus); bm25 and oracle stop once their blocks are open, so they are FOCUSED
+too. bm25_truncate takes exactly L. `Context.slots` is what the tests count.
+
+bm25 and bm25_truncate need the tokenizer (`tok`), oracle the answer's token spans (`needed_spans`); they are
+not in METHODS (the default list) but in ALL_METHODS, so that a caller asks for them knowingly.
 
 A Context is read by `greedy_decode` (exact-match tasks) or `continuation_nll` (long-document loss);
 tokens read after a context continue its positions (slot index, or the absolute token index under
@@ -27,10 +37,12 @@ the gaussian scheme, where raw tokens have exact RoPE).
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_ctx
+from megacontext.eval import bm25 as rag
 from megacontext.gistnet import GistLevels, at_children_scale, build_gists
 from megacontext.focus import question_focus
 from megacontext.positions import wc_positions
@@ -38,8 +50,13 @@ from megacontext.working_context import (all_raw, entry_spans, recency_pyramid, 
 
 METHODS = ("truncation", "sinks", "mean_pool", "mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian",
            "full")
-MC_METHODS = ("mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian")  # need the MC nets
-FOCUSED = ("mc_lensnet", "megacontext", "megacontext_gaussian")  # question_focus: at most L slots, not exactly L
+RAG_METHODS = ("bm25", "bm25_truncate")  # need the tokenizer
+CEILINGS = ("oracle",)  # needs the answer's spans
+ALL_METHODS = METHODS + RAG_METHODS + CEILINGS
+# need the MC nets (bm25 and oracle: GistNet's tree, for the gists around their raw blocks)
+MC_METHODS = ("mc_recency", "mc_lensnet", "megacontext", "megacontext_gaussian", "bm25", "oracle")
+# at most L slots, not exactly L: question_focus stops near its block, bm25 and oracle once their blocks are open
+FOCUSED = ("mc_lensnet", "megacontext", "megacontext_gaussian", "bm25", "oracle")
 SINKS = 4  # attention-sink tokens kept from the start (StreamingLLM keeps 4)
 
 
@@ -60,6 +77,7 @@ class Context:
     sigma: torch.Tensor = None    # (T,) float32 gaussian widths, None for slot positions
     next_pos: float = 0.0         # position of the first token read after the context
     wc: object = None             # the WorkingContext, for WC-based methods
+    shown: object = None          # (T,) history positions of the tokens read, for raw contexts that skip some
 
     @property
     def slots(self):
@@ -150,6 +168,16 @@ def span_is_raw(wc, span, K):
     return bool((wc.levels[touch] == 0).all())
 
 
+def shows_span(ctx, span, K):
+    """Whether a context reads every token of span [a, b) raw (span_is_raw for a WC); None where unknown."""
+    if ctx.wc is not None:
+        return span_is_raw(ctx.wc, span, K)
+    if ctx.shown is not None:
+        a, b = span
+        return bool(np.isin(np.arange(a, b), ctx.shown).all())
+    return None
+
+
 def boundary_level(span, K, max_level):
     """
     The coarsest tree boundary the token span [a, b) crosses: 0 inside one K-token block, L when its
@@ -161,18 +189,27 @@ def boundary_level(span, K, max_level):
     return sum(a // K ** L != (b - 1) // K ** L for L in range(1, max_level + 1))
 
 
+def _require(m, **given):
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(f"method {m!r} needs build_contexts(..., {', '.join(f'{k}=...' for k in missing)})")
+
+
 @torch.no_grad()
-def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet=None, tree=None, reranker=None):
+def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet=None, tree=None, reranker=None,
+                   tok=None, needed_spans=None):
     """
     {method: Context or None} for the history `ids` (list of token ids) at `budget`. `tree`: a reader
-    over ids with GistNet gists (MCTree.ram), needed by the MegaContext methods; `lensnet` (and `reranker`,
-    the second stage) for the focused ones. `full` is None when the history exceeds the GPT's sequence_len.
+    over ids with GistNet gists (MCTree.ram), needed by the MegaContext methods, bm25 and oracle; `lensnet` (and
+    `reranker`, the second stage) for the focused ones; `tok` (decode) for bm25 and bm25_truncate; `needed_spans`
+    (token spans [a, b) the answer needs, e.g. [example.needle_spans[0]]) for oracle. `full` is None when the
+    history exceeds the GPT's sequence_len.
     """
     wte = gpt.transformer.wte
     n = len(ids)
     L = shared_length(n, budget, cfg)
     out = {}
-    pyramid = focused = None
+    pyramid = focused = retrieved = None
     for m in methods:
         if m == "truncation":
             out[m] = truncation(ids, L, wte)
@@ -191,8 +228,21 @@ def build_contexts(ids, budget, cfg, gpt, methods=METHODS, gistnet=None, lensnet
         elif m in ("megacontext", "megacontext_gaussian"):
             focused = focused or question_focus(n, budget, cfg, lensnet, tree, wte, reranker)
             out[m] = wc_context(focused, tree, wte, cfg, "slot" if m == "megacontext" else "gaussian")
+        elif m in RAG_METHODS:
+            _require(m, tok=tok, **({"tree": tree} if m == "bm25" else {}))
+            retrieved = retrieved or rag.retrieve(ids, tok, cfg)
+            scores, groups = retrieved
+            if m == "bm25":
+                out[m] = wc_context(rag.open_plan(n, budget, cfg, groups, scores), tree, wte, cfg, "slot")
+            else:
+                shown = rag.rag_tokens(n, L, cfg, groups)
+                out[m] = raw_context([ids[i] for i in shown.tolist()], wte)
+                out[m].shown = shown
+        elif m == "oracle":
+            _require(m, needed_spans=needed_spans, tree=tree)
+            out[m] = wc_context(rag.open_needed(n, budget, cfg, needed_spans), tree, wte, cfg, "slot")
         else:
-            raise ValueError(f"unknown method {m!r}; known: {METHODS}")
+            raise ValueError(f"unknown method {m!r}; known: {ALL_METHODS}")
     return out
 
 
@@ -265,6 +315,7 @@ def answer_matches(text, answer):
     return not rest or not rest[0].isalnum()
 
 
-__all__ = ["Models", "METHODS", "MC_METHODS", "FOCUSED", "SINKS", "Context", "shared_length", "raw_context",
-           "truncation", "sink_window", "MeanPool", "mean_pool_reader", "wc_context", "pyramid_or_raw", "span_is_raw",
-           "build_contexts", "greedy_decode", "continuation_nll", "answer_matches"]
+__all__ = ["Models", "METHODS", "RAG_METHODS", "CEILINGS", "ALL_METHODS", "MC_METHODS", "FOCUSED", "SINKS", "Context",
+           "shared_length", "raw_context", "truncation", "sink_window", "MeanPool", "mean_pool_reader", "wc_context",
+           "pyramid_or_raw", "span_is_raw", "shows_span", "build_contexts", "greedy_decode", "continuation_nll",
+           "answer_matches"]
