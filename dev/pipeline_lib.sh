@@ -235,7 +235,7 @@ smoke_sizes() {  # --smoke: every stage at toy size, 2 ranks, the offline corpus
   SFT_ARGS=(--mixture=offline --max-seq-len=$T --device-batch-size=$B --num-iterations=2 --eval-every=0
             --eval-steps=1 --eval-metrics-every=-1)
   CHAT_EVAL_ARGS=(--task-name=offline --max-problems=4 --max-new-tokens=16)
-  MC_EVAL_ARGS=(--quick --trials=2 --needle-trials=2 --multiples=1,4 --docs=2)
+  MC_EVAL_ARGS=(--quick --trials=2 --needle-trials=2 --multiples=1,4 --docs=2 --filler=val)
   MC_BENCH_ARGS=(--histories=1000,4000 --decode-tokens=16 --rounds=1 --refocus-events=2 --full-kv-max=1000)
   MC_MID_EXTRA=(--mc-mix-multiples=1,4)
   MC_BATCH=()
@@ -290,6 +290,9 @@ pipeline_main() {
     note "data + tokenizer: 8 shards for the tokenizer now, the rest in the background (verified, kept on re-runs)"
     run python -m nanochat.dataset -n 8
     run_bg python -m nanochat.dataset -n "$NUM_SHARDS"
+  fi
+  if [ "$SMOKE" != 1 ]; then  # the smoke's evaluation reads the validation shard instead: no download in tests
+    stage heldout run python -m nanochat.dataset --heldout
   fi
   stage tokenizer run python -m scripts.tok_train "${TOK_TRAIN_ARGS[@]}"
   stage tok-eval run python -m scripts.tok_eval

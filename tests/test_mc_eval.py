@@ -194,7 +194,7 @@ def test_boundary_level_names_the_coarsest_boundary_a_span_crosses():
 
 def _run(out, extra=()):
     from scripts.mc_eval import main
-    return main(["--random-init", "--depth", "1", "--budget", "128", "--tail-tokens", "32", "--trials", "4",
+    return main(["--random-init", "--filler", "val", "--depth", "1", "--budget", "128", "--tail-tokens", "32", "--trials", "4",
                  "--needle-trials", "2", "--multiples", "1,4", "--depths", "0.1,0.9", "--docs", "2",
                  "--out", str(out)] + list(extra))
 
@@ -210,12 +210,24 @@ def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
         a = json.load(f)
     assert validate_result(a)
     assert set(a) >= {"config", "passkey", "needle", "kv_recall", "long_doc"}
-    assert list(a["passkey"]) == ["1", "4"] and set(a["passkey"]["1"]) == set(METHODS)
+    from megacontext.eval.baselines import ALL_METHODS
+    from megacontext.eval.harness import SESSION_METHODS
+    assert list(a["passkey"]) == ["1", "4"] and set(a["passkey"]["1"]) == set(ALL_METHODS)  # raw: no session
     assert a["passkey"]["4"]["full"] is None and a["passkey"]["1"]["full"] is not None  # 4x > sequence_len
-    assert "gap_closed" in a["long_doc"] and set(a["long_doc"]) == set(METHODS) | {"gap_closed"}
+    assert "gap_closed" in a["long_doc"] and set(a["long_doc"]) == set(ALL_METHODS) - {"oracle"} | {"gap_closed"}
+    # every accuracy carries its trial count and 95 % Wilson interval, which brackets it
+    for mult, cell in a["passkey"].items():
+        for m, v in cell.items():
+            iv = a["intervals"]["passkey"][mult][m]
+            assert (v is None) == (iv["ci"] is None) and (v is None or iv["ci"][0] <= v <= iv["ci"][1])
+            assert v is None or iv["n"] == 4
+    # the chat view: every task asked as a conversation, read also through MCSession (and after a reopen)
+    assert set(a["chat"]) <= {"passkey", "needle", "kv_recall", "chat_memory"} and "passkey" in a["chat"]
+    assert set(a["chat"]["passkey"]["acc"]["1"]) == set(ALL_METHODS) | set(SESSION_METHODS)
+    assert a["config"]["split"] == "eval"
     assert set(a["passkey_depth"]["1"]) == {"0.1", "0.9"}
     for row in a["passkey_alignment"].values():  # every trial counted under exactly one alignment
-        assert sum(c["n"] for c in row.values()) == 4 and all(set(c) == {"n"} | set(METHODS) for c in row.values())
+        assert sum(c["n"] for c in row.values()) == 4 and all(set(c) == {"n"} | set(ALL_METHODS) for c in row.values())
     for task in ("passkey", "needle", "kv_recall"):  # the counted budget, recorded per cell
         for cell in a["context_slots"][task].values():
             fixed = {v for m, v in cell.items() if m not in FOCUSED + ("full",) and v is not None}
@@ -244,7 +256,8 @@ def test_eval_json_shape_determinism_plots_and_report(tiny_base_env, tmp_path):
         md = f.read()
     for s in ("## MegaContext evaluation", "### Passkey retrieval", "### Passkey by needle alignment",
               "### Multi-key needle", "### Key-value recall", "### Long-document NLL", "slot vs gaussian",
-              "Where MegaContext loses", "| megacontext_gaussian |", "mc_eval_passkey.png"):
+              "Where MegaContext loses", "| megacontext_gaussian |", "mc_eval_passkey.png", "### In chat: passkey",
+              "| session_reopened |", "| bm25 |", "| oracle |", "95 % Wilson interval"):
         assert s in md, s
     from nanochat.report import get_report
     assert "### Passkey retrieval" in open(get_report().generate()).read()
@@ -295,16 +308,17 @@ def test_checkpoint_sources(tiny_base_env, tmp_path):
              "--tasks", "passkey,long_doc", "--no-report"]
     _save_ckpt(tiny_base_env, with_mc=False)
     with pytest.raises(UserError, match="baselines-only"):
-        main(["--source", "base", "--out", str(tmp_path / "x.json")] + flags)
-    res = main(["--source", "base", "--baselines-only", "--budget", "128", "--tail-tokens", "32",
+        main(["--source", "base", "--filler", "val", "--out", str(tmp_path / "x.json")] + flags)
+    res = main(["--source", "base", "--filler", "val", "--baselines-only", "--budget", "128", "--tail-tokens", "32",
                 "--out", str(tmp_path / "y.json")] + flags)
     assert res["config"]["mc_weights"] is False and set(res["passkey"]["4"]) == {"truncation", "sinks", "mean_pool",
-                                                                                  "full"}
+                                                                                  "bm25_truncate", "full"}
     assert res["position_scheme"]["winner"] is None
     _save_ckpt(tiny_base_env, with_mc=True)
-    res = main(["--source", "base", "--out", str(tmp_path / "z.json")] + flags)
+    res = main(["--source", "base", "--filler", "val", "--out", str(tmp_path / "z.json")] + flags)
     assert res["config"]["mc_weights"] is True and res["config"]["budget"] == 128 and res["config"]["step"] == 5
-    assert set(res["passkey"]["4"]) == set(METHODS)
+    from megacontext.eval.baselines import ALL_METHODS
+    assert set(res["passkey"]["4"]) == set(ALL_METHODS)
 
 
 def test_plot_decode_ms(tmp_path):
@@ -536,3 +550,19 @@ def test_quality_shape_and_report_rows():
     md = quality_markdown({**q, "level_1": {**lvl, "raw_fits_context": False, "lm_guard": False}},
                           {"doc_target": 64, "sequence_len": 512})
     assert "3.0000* |" in md and "FAIL" in md and "exceeds the GPT's sequence length (512)" in md
+
+
+def test_wilson_interval_against_reference_values():
+    """Reference values of the 95 % Wilson score interval (computed by hand from its closed form)."""
+    from megacontext.eval.stats import cell, fmt, wilson
+    assert wilson(0, 0) is None
+    assert wilson(20, 20) == [0.8389, 1.0] and wilson(0, 20) == [0.0, 0.1611]
+    assert wilson(100, 100) == [0.963, 1.0] and wilson(99, 100) == [0.9455, 0.9982]
+    assert wilson(5, 10) == [0.2366, 0.7634]
+    for k, n in ((3, 7), (50, 100), (1, 250)):
+        lo, hi = wilson(k, n)
+        assert lo <= k / n <= hi and 0 <= lo and hi <= 1
+    assert wilson(50, 400)[1] - wilson(50, 400)[0] < wilson(5, 40)[1] - wilson(5, 40)[0]  # narrows with n
+    assert cell([True, None, False, True]) == {"acc": 0.6667, "n": 3, "ci": wilson(2, 3)}
+    assert cell([None]) == {"acc": None, "n": 0, "ci": None}
+    assert fmt(1.0, [0.963, 1.0], 100) == "100.0% (96-100, n=100)" and fmt(None) == "-"

@@ -33,8 +33,10 @@ def _num_key(k):
         return float("inf")
 
 
-def plot_accuracy_vs_multiple(table, path, title="Passkey retrieval", ylabel="exact-match accuracy"):
-    """Accuracy vs history/budget multiple (log2 x axis), one line per method."""
+def plot_accuracy_vs_multiple(table, path, title="Passkey retrieval", ylabel="exact-match accuracy",
+                              intervals=None):
+    """Accuracy vs history/budget multiple (log2 x axis), one line per method; with `intervals`
+    ({"<multiple>": {"<method>": {"ci": [lo, hi]}}}) each point carries its 95 % interval as an error bar."""
     plt = _plt()
     mults = sorted(table, key=_num_key)
     methods = []
@@ -42,10 +44,14 @@ def plot_accuracy_vs_multiple(table, path, title="Passkey retrieval", ylabel="ex
         methods += [k for k in table[m] if k not in methods]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, meth in enumerate(methods):
-        pts = [(float(m), table[m].get(meth)) for m in mults if table[m].get(meth) is not None]
+        pts = [(float(m), table[m].get(meth), (((intervals or {}).get(m) or {}).get(meth) or {}).get("ci"))
+               for m in mults if table[m].get(meth) is not None]
         if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", linestyle="-" if i < 10 else "--", label=meth)
+            xs, ys, cis = zip(*pts)
+            lo = [y - (ci[0] if ci else y) for y, ci in zip(ys, cis)]
+            hi = [(ci[1] if ci else y) - y for y, ci in zip(ys, cis)]
+            err = [lo, hi]
+            ax.errorbar(xs, ys, yerr=err, marker="o", linestyle="-" if i < 10 else "--", label=meth, capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("history / budget")
     ax.set_ylabel(ylabel)

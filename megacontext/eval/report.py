@@ -7,9 +7,12 @@ import math
 import os
 
 from megacontext.eval.quality import quality_markdown, quality_problems
+from megacontext.eval.stats import fmt
 
 EXACT_TASKS = ("passkey", "needle", "kv_recall")
-BASELINES = ("truncation", "sinks", "mean_pool")
+BASELINES = ("truncation", "sinks", "mean_pool", "bm25", "bm25_truncate")  # the budgeted methods MC must beat
+CHAT_NAMES = {"passkey": "passkey", "needle": "multi-key", "kv_recall": "key-value recall",
+              "chat_memory": "chat memory"}
 
 
 def mean_or_none(xs):
@@ -35,6 +38,11 @@ def validate_result(res):
             for m, v in cell.items():
                 if not number_or_null(v) or (v is not None and not 0 <= v <= 1):
                     problems.append(f"{task}[{mult}][{m}] = {v!r} is not an accuracy in [0, 1] or null")
+    for task, view in (res.get("chat") or {}).items():
+        for mult, cell in (view.get("acc") or {}).items() if isinstance(view, dict) else [("?", None)]:
+            if not isinstance(cell, dict) or not all(number_or_null(v) and (v is None or 0 <= v <= 1)
+                                                     for v in cell.values()):
+                problems.append(f"chat[{task}].acc[{mult}] must map methods to accuracies in [0, 1] or null")
     for mult, row in (res.get("passkey_alignment") or {}).items():
         for level, cell in row.items() if isinstance(row, dict) else [(None, None)]:
             if not (str(level).isdigit() and isinstance(cell, dict) and isinstance(cell.get("n"), int)
@@ -69,19 +77,26 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _acc_table(table, methods):
+def _acc_table(table, methods, intervals=None):
+    """Accuracy per method and multiple, with its 95 % Wilson interval and trial count where known."""
     mults = list(table)
     lines = ["| method | " + " | ".join(f"{m}x" for m in mults) + " |", "|---" * (len(mults) + 1) + "|"]
-    for meth in methods:
-        lines.append(f"| {meth} | " + " | ".join(pct(table[m].get(meth)) for m in mults) + " |")
+    for meth in [x for x in methods if any(x in table[m] for m in mults)]:
+        cells = []
+        for m in mults:
+            iv = ((intervals or {}).get(m) or {}).get(meth) or {}
+            cells.append(fmt(table[m].get(meth), iv.get("ci"), iv.get("n")))
+        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def losses(res, methods):
     """Cells where full MegaContext does worse than the best budgeted baseline (quoted in the report)."""
     out = []
-    for task in EXACT_TASKS:
-        for mult, cell in res[task].items():
+    tables = [(task, res[task]) for task in EXACT_TASKS]
+    tables += [(f"chat {t}", v["acc"]) for t, v in res.get("chat", {}).items()]
+    for task, table in tables:
+        for mult, cell in table.items():
             mc = cell.get("megacontext")
             base = {b: cell.get(b) for b in BASELINES if cell.get(b) is not None}
             if mc is not None and base and max(base.values()) > mc:
@@ -105,8 +120,9 @@ def report_markdown(res, images):
              f"`full` reads the whole history where it fits the GPT's sequence length ({c['sequence_len']}). "
              f"Model: {c['source']}" + (f" step {c['step']}" if c.get("step") is not None else "") +
              (" (random init: numbers are a smoke test, not evidence)" if c["source"] == "random-init" else "") + "."]
+    parts.append("Cells: accuracy (95 % Wilson interval, trials).")
     parts.append(f"### Passkey retrieval (exact match, {c['trials']} trials per cell, depths {c['depths']})\n\n"
-                 + _acc_table(res["passkey"], methods))
+                 + _acc_table(res["passkey"], methods, res.get("intervals", {}).get("passkey")))
     if "passkey" in images:
         parts.append(f"![passkey accuracy vs history]({images['passkey']})")
     if res.get("passkey_depth"):
@@ -120,9 +136,14 @@ def report_markdown(res, images):
     if res.get("passkey_alignment"):
         parts.append(alignment_markdown(res["passkey_alignment"], methods))
     parts.append(f"### Multi-key needle with near-miss decoys ({c['needle_trials']} trials per cell)\n\n"
-                 + _acc_table(res["needle"], methods))
+                 + _acc_table(res["needle"], methods, res.get("intervals", {}).get("needle")))
     parts.append(f"### Key-value recall ({c['needle_trials']} trials per cell)\n\n"
-                 + _acc_table(res["kv_recall"], methods))
+                 + _acc_table(res["kv_recall"], methods, res.get("intervals", {}).get("kv_recall")))
+    for task, view in res.get("chat", {}).items():
+        parts.append(f"### In chat: {CHAT_NAMES.get(task, task)} (the history as conversation turns, the question as "
+                     f"the last user turn, the reply scored; `session`: through MCSession.chat, `session_reopened`: "
+                     f"after the memory was saved and reopened)\n\n"
+                     + _acc_table(view["acc"], methods, view["intervals"]))
     ld, gaps = res["long_doc"], res.get("long_doc_gap_closed", {})
     rows = ["| method | NLL (nats/token) | share of truncation->full gap closed |", "|---|---|---|"]
     rows += [f"| {m} | {'-' if ld.get(m) is None else f'{ld[m]:.4f}'} | {pct(gaps.get(m))} |" for m in methods]
@@ -196,7 +217,8 @@ def headline(res):
 
 def write_plots(res, out_dir):
     from megacontext.eval.plots import plot_accuracy_vs_multiple, plot_depth_heatmap
-    paths = {"passkey": plot_accuracy_vs_multiple(res["passkey"], os.path.join(out_dir, "mc_eval_passkey.png"))}
+    paths = {"passkey": plot_accuracy_vs_multiple(res["passkey"], os.path.join(out_dir, "mc_eval_passkey.png"),
+                                                  intervals=res.get("intervals", {}).get("passkey"))}
     if res.get("passkey_depth"):
         paths["depth"] = plot_depth_heatmap(depth_grid(res), os.path.join(out_dir, "mc_eval_depth.png"),
                                             title=f"{focus_method(res['config']['methods'])}: passkey accuracy "
