@@ -15,7 +15,8 @@ rows): the needle recipe (megacontext/training/needle.py) opens these blocks and
     b = mix.batch(B, rng, warmup=True)    # the copy warm-up: histories that fit the budget raw
 
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py),
-chat_memory (the chat view of a fact the user stated early, with decoys; tasks/chat_view.py), longchat (tasks/memory.py conversations with many filler turns; the question is the last user
+chat_passkey, chat_multikey, chat_kv_recall (the same asked in a conversation, tasks/chat_view.py), chat_memory
+(a fact the user stated early, with decoys), longchat (tasks/memory.py conversations with many filler turns; the question is the last user
 turn) and text (corpus text continued after the history: plain LM through the MC objective).
 The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
 every repeated token labelled) and short pass keys. Answer-only rows carry ~5 labelled tokens each,
@@ -28,7 +29,8 @@ import torch
 
 from tasks.longctx import key_span, kv_recall, multikey, passkey
 
-TASKS = ("passkey", "multikey", "kv_recall", "chat_memory", "longchat", "text")
+TASKS = ("passkey", "multikey", "kv_recall", "chat_passkey", "chat_multikey", "chat_kv_recall", "chat_memory",
+         "longchat", "text")
 TEXT_TARGET = 64  # "text" rows: labelled continuation tokens after the history
 
 
@@ -108,9 +110,9 @@ class MCMixture:
     def _row(self, task, s, rng):
         if task == "longchat":
             return self._chat_row(s, rng)
-        if task == "chat_memory":
+        if task.startswith("chat_"):
             try:
-                return self._chat_memory_row(s, rng)
+                return self._chat_task_row(task if task == "chat_memory" else task.removeprefix("chat_"), s, rng)
             except ValueError:  # a history too short for the conversation: a pass key instead
                 task = "passkey"
         if task == "text":
@@ -160,13 +162,14 @@ class MCMixture:
         a = next(i for i in range(s, len(ids)) if mask[i])
         return ids, (a, len(ids)), None
 
-    def _chat_memory_row(self, s, rng):
-        """A conversation (tasks/chat_view.py) in which the user states a fact early, others' facts of the same
-        kind are decoys, small talk and pasted corpus text follow, and the last user turn asks the fact back;
-        the target is the assistant's reply. Its fact sits in known blocks, so the needle recipe opens them and
-        teaches LensNet to find them, as for the raw needles: the chat runtime reads the memory this way."""
+    def _chat_task_row(self, task, s, rng):
+        """A task asked the way users ask (tasks/chat_view.py): its facts stated in a conversation among small talk
+        and pasted corpus text, the question as the last user turn, the target the assistant's reply (for
+        chat_memory: a fact the user stated early, others' facts of the same kind as decoys). Its fact sits in
+        known blocks, so the needle recipe opens them and teaches LensNet to find them, as for the raw needles:
+        the chat runtime reads the memory this way."""
         from tasks.chat_view import chat_example, chat_to_raw
-        ex = chat_to_raw(chat_example("chat_memory", self.filler, self.tok, rng, s, split="train"), self.tok)
+        ex = chat_to_raw(chat_example(task, self.filler, self.tok, rng, s, split="train"), self.tok)
         q = ex.question_start
         if q > s:
             raise ValueError(f"a history of {s} tokens is too short for a chat-memory conversation ({q})")
