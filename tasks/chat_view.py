@@ -143,6 +143,8 @@ def render_chat(plan, filler, tokenizer, rng, n_tokens, depth=None, paste_share=
     (fractions of the filler's tokens: `depth` for the asked one, else the plan's, else random), each as a
     user turn the assistant acknowledges. filler: the text the user pastes (None: small talk only).
     """
+    if hasattr(plan, "render_chat"):  # a plan that lays itself out (tasks/babi.py: a story keeps its order)
+        return plan.render_chat(filler, tokenizer, rng, n_tokens, depth=depth, paste_share=paste_share)
     split = plan.split
     acks = CHAT[split]["acks"]
     facts = [(t, _pick(rng, acks)) for t in plan.chat_needles + plan.chat_decoys]

@@ -34,9 +34,11 @@ answer is the reference reply and ids[a:b] its tokens and <|assistant_end|>.
 - `kv_recall`: many `key -> value` records scattered in filler; the question names one key.
 - `chat_memory`: the user states a fact early ("my lucky number is 58"), the same kind of fact about other
   people as decoys, many turns of chat, then asks it back (tasks/memory.py has the short SFT version).
+- `qa1`, `qa2`, `qa3`: bAbI-style stories (tasks/babi.py), one, two and three supporting facts (the needles).
 """
 import re
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -172,7 +174,17 @@ def chat_memory_plan(rng, split="train", n_decoys=2, kind=None):
                 list(f.values), depths=[float(rng.uniform(0, 0.2))] + [None] * n_decoys, chat_only=True)
 
 
-PLANS = {"passkey": passkey_plan, "multikey": multikey_plan, "kv_recall": kv_plan, "chat_memory": chat_memory_plan}
+def _story_plan(task):
+    """A bAbI-style story task's plan builder (tasks/babi.py, imported on use: it builds on this module)."""
+    def build(rng, split="train", **kwargs):
+        from tasks.babi import story_plan
+        return story_plan(task, rng, split, **kwargs)
+    return build
+
+
+STORY_TASKS = ("qa1", "qa2", "qa3")  # tasks/babi.py: one, two and three supporting facts
+PLANS = {"passkey": passkey_plan, "multikey": multikey_plan, "kv_recall": kv_plan, "chat_memory": chat_memory_plan,
+         **{t: _story_plan(t) for t in STORY_TASKS}}
 
 
 def make_plan(task, rng, split="train", **kwargs):
@@ -248,6 +260,8 @@ def render_raw(plan, filler, tokenizer, rng, n_tokens, depth=None, key_in_block=
         return chat_to_raw(render_chat(plan, filler, tokenizer, rng, n_tokens, depth=depth), tokenizer)
     if key_in_block and not plan.locate_key:
         raise ValueError(f"key_in_block needs a task that locates its key, not {plan.task}")
+    if hasattr(plan, "render_raw"):  # a plan that lays itself out (tasks/babi.py: a story keeps its order)
+        return plan.render_raw(filler, tokenizer, rng, n_tokens, depth=depth)
     inserts = plan.needles + plan.decoys
     key_ids = list(tokenizer.encode(plan.answer))
     for _ in range(1000):
@@ -296,7 +310,8 @@ def chat_memory(filler, tokenizer, rng, n_tokens, split="train", n_decoys=2, dep
     return raw_example("chat_memory", filler, tokenizer, rng, n_tokens, split, depth, n_decoys=n_decoys)
 
 
-TASKS = {"passkey": passkey, "multikey": multikey, "kv_recall": kv_recall, "chat_memory": chat_memory}
+TASKS = {"passkey": passkey, "multikey": multikey, "kv_recall": kv_recall, "chat_memory": chat_memory,
+         **{t: partial(raw_example, t) for t in STORY_TASKS}}  # (filler, tokenizer, rng, n_tokens, split, depth, ...)
 
 
 # ------------------------------------------------------------------------------------------ scoring

@@ -17,7 +17,9 @@ rows): the needle recipe (megacontext/training/needle.py) opens these blocks and
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py),
 chat_passkey, chat_multikey, chat_kv_recall (the same asked in a conversation, tasks/chat_view.py), chat_memory
 (a fact the user stated early, with decoys), longchat (tasks/memory.py conversations with many filler turns; the question is the last user
-turn) and text (corpus text continued after the history: plain LM through the MC objective).
+turn) and text (corpus text continued after the history: plain LM through the MC objective). Optional, in no
+default list: qa1, qa2, qa3 (bAbI-style stories, tasks/babi.py; the blocks of every supporting fact, the
+answering one's first).
 The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
 every repeated token labelled) and short pass keys. Answer-only rows carry ~5 labelled tokens each,
 too little signal for a small GPT to form its copying (induction) heads; 64 labelled copy tokens a row
@@ -27,10 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.longctx import key_span, kv_recall, multikey, passkey
+from tasks.longctx import STORY_TASKS, key_span, kv_recall, multikey, passkey, raw_example
 
 TASKS = ("passkey", "multikey", "kv_recall", "chat_passkey", "chat_multikey", "chat_kv_recall", "chat_memory",
          "longchat", "text")
+# bAbI-style stories (tasks/babi.py), raw: available by name (tasks=..., --mc-mix-tasks) but in no default list
+OPTIONAL_TASKS = STORY_TASKS
+STORY_FACTS = 30  # the longest story a row draws (a few dozen facts), when the history has room for it
 TEXT_TARGET = 64  # "text" rows: labelled continuation tokens after the history
 
 
@@ -81,9 +86,9 @@ def _labels_on(ids, a, b):
 
 class MCMixture:
     def __init__(self, tokenizer, cfg, filler, multiples=(1, 4, 16, 64), tasks=TASKS, chat_tasks=True):
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in TASKS + OPTIONAL_TASKS]
         if unknown or not tasks:
-            raise ValueError(f"unknown long-context tasks {unknown}: choose from {TASKS}")
+            raise ValueError(f"unknown long-context tasks {unknown}: choose from {TASKS + OPTIONAL_TASKS}")
         if not multiples or min(multiples) <= 0:
             raise ValueError(f"history multiples must be positive, got {multiples}")
         self.tok, self.cfg, self.filler = tokenizer, cfg, filler
@@ -110,6 +115,8 @@ class MCMixture:
     def _row(self, task, s, rng):
         if task == "longchat":
             return self._chat_row(s, rng)
+        if task in STORY_TASKS:
+            return self._story_row(task, s, rng)
         if task.startswith("chat_"):
             try:
                 return self._chat_task_row(task if task == "chat_memory" else task.removeprefix("chat_"), s, rng)
@@ -139,6 +146,27 @@ class MCMixture:
         a, b = ex.key_spans[0] if ex.key_spans else key_span(ex.ids, ex.needle_spans[0],
                                                                     list(self.tok.encode(ex.answer.strip())))
         return ex.ids, ex.answer_span, needle_blocks((a, b), ex.needle_spans[0], self.K)
+
+    def _story_row(self, task, s, rng):
+        """A bAbI-style story (tasks/babi.py) in s tokens of filler: a few to a few dozen facts (more where the
+        history has room: ~10 tokens a fact, a tenth of the history at most), then the question and its one-word
+        answer. The needle blocks are every supporting fact's, the answering fact's first (its answer word's
+        block leading): the GPT needs all of them raw, and LensNet learns to find the answer's first."""
+        lo = {"qa1": 2, "qa2": 3, "qa3": 4}[task]
+        hi = max(lo, min(STORY_FACTS, s // 100))
+        for kw in ({"n_facts": (lo, hi)}, {"n_facts": lo}):  # a short history may not hold a long story
+            try:
+                ex = raw_example(task, self.filler, self.tok, rng, s, split="train", **kw)
+                break
+            except ValueError:
+                continue
+        else:
+            return self._row("passkey", s, rng)
+        assert ex.question_start == s, (ex.question_start, s)
+        blocks = needle_blocks(ex.key_spans[0], ex.needle_spans[0], self.K)
+        for a, b in ex.needle_spans[1:]:
+            blocks += [j for j in range(a // self.K, (b - 1) // self.K + 1) if j not in blocks]
+        return ex.ids, ex.answer_span, blocks
 
     def _chat_row(self, s, rng):
         """A Memory conversation whose filler turns fill about s tokens; everything before the last
@@ -236,4 +264,4 @@ def parse_list(text, typ=str):
     return [typ(v) for v in str(text).split(",") if v.strip()]
 
 
-__all__ = ["MCBatch", "MCMixture", "load_filler", "parse_list", "TASKS"]
+__all__ = ["MCBatch", "MCMixture", "load_filler", "parse_list", "TASKS", "OPTIONAL_TASKS"]

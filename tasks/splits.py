@@ -9,6 +9,8 @@ generalises, not the training templates. Disjoint by construction (tests/test_sp
 - the chat-memory facts (tasks/memory.py, tasks/longctx.chat_memory): how a fact is stated and asked,
   its values, the decoys' owners;
 - the chat filler (tasks/chat_view.py): small talk, acknowledgements, the lines around pasted text, sums;
+- the bAbI-style stories (tasks/babi.py): actors, places, objects, how each kind of fact is worded ("went to"
+  in training, "travelled to" in evaluation), the questions, the replies and the chat lead-ins;
 - the keys' values (below). The filler TEXT is the caller's: pretraining text for training, the held-out
   corpus (nanochat.dataset.load_heldout_text) for evaluation.
 
@@ -226,6 +228,61 @@ CHAT = {
     },
 }
 
+# --------------------------------------------------------------------------- bAbI-style stories (tasks/babi.py)
+# facts: per kind, the sentences that state it ({a} the actor, {p} a place, {o} an object, {b} the receiver);
+# questions: per task, (raw: the text after the history, ending where the one-word answer starts; chat: the
+# user's last turn); replies: per task, the reference chat reply; lead_ins: how the user states a fact in chat.
+# Every place, actor and object is one word that no other name or template of either half contains.
+BABI = {
+    "train": {
+        "actors": ["Mary", "John", "Daniel", "Sandra", "Fred", "Julie", "Bill", "Emma"],
+        "places": ["kitchen", "bathroom", "hallway", "garden", "office", "bedroom"],
+        "objects": ["football", "apple", "milk", "umbrella", "backpack"],
+        "facts": {
+            "move": ["{a} went to the {p}.", "{a} journeyed to the {p}."],
+            "get": ["{a} picked up the {o}.", "{a} got the {o}."],
+            "drop": ["{a} dropped the {o}.", "{a} put down the {o}."],
+            "give": ["{a} gave the {o} to {b}.", "{a} handed the {o} to {b}."],
+        },
+        "questions": {
+            "qa1": [("\nQuestion: Where is {a}?\nAnswer:", "Where is {a}?"),
+                    ("\nWhere is {a} now? Answer in one word:", "Where is {a} now?")],
+            "qa2": [("\nQuestion: Where is the {o}?\nAnswer:", "Where is the {o}?"),
+                    ("\nWhere is the {o} now? Answer in one word:", "Where is the {o} now?")],
+            "qa3": [("\nQuestion: Where was the {o} before the {p}?\nAnswer:", "Where was the {o} before the {p}?"),
+                    ("\nBefore the {p}, where was the {o}? Answer in one word:", "Before the {p}, where was the {o}?")],
+        },
+        "replies": {"qa1": "{a} is in the {p}.", "qa2": "The {o} is in the {p}.", "qa3": "The {o} was in the {p}."},
+        "lead_ins": ["By the way, {s}", "Oh, and {s}", "Quick update: {s}"],
+    },
+    "eval": {
+        "actors": ["Oliver", "Priya", "Hector", "Yuki", "Greta", "Tomas", "Leila", "Omar"],
+        "places": ["library", "attic", "garage", "cellar", "balcony", "pantry"],
+        "objects": ["guitar", "kettle", "wallet", "scarf", "camera"],
+        "facts": {
+            "move": ["{a} travelled to the {p}.", "{a} moved to the {p}."],
+            "get": ["{a} grabbed the {o}.", "{a} took the {o}."],
+            "drop": ["{a} discarded the {o}.", "{a} set the {o} down."],
+            "give": ["{a} passed the {o} to {b}.", "{b} received the {o} from {a}."],
+        },
+        "questions": {
+            "qa1": [("\nQuestion: In which place is {a} at the end?\nAnswer:", "In which place is {a} at the end?"),
+                    ("\nTell me where {a} can be found. Answer in one word:", "Tell me where {a} can be found.")],
+            "qa2": [("\nQuestion: In which place is the {o} at the end?\nAnswer:",
+                     "In which place is the {o} at the end?"),
+                    ("\nTell me where the {o} can be found. Answer in one word:",
+                     "Tell me where the {o} can be found.")],
+            "qa3": [("\nQuestion: Which place did the {o} come from before reaching the {p}?\nAnswer:",
+                     "Which place did the {o} come from before reaching the {p}?"),
+                    ("\nWhere had the {o} been just prior to the {p}? Answer in one word:",
+                     "Where had the {o} been just prior to the {p}?")],
+        },
+        "replies": {"qa1": "{a} is currently in the {p}.", "qa2": "The {o} is currently in the {p}.",
+                    "qa3": "It had been in the {p}."},
+        "lead_ins": ["For the record, {s}", "Just so you know, {s}", "News from the story: {s}"],
+    },
+}
+
 
 def inventory(split):
     """Everything of one half that a model could memorise, by kind: {"templates": set, "names": set}.
@@ -240,6 +297,10 @@ def inventory(split):
     templates |= {mem["lead_in"], mem["decoy_lead_in"], *chat["acks"], *chat["sum"], *chat["paste_intros"],
                   *chat["paste_replies"]}
     templates |= {t for pair in chat["small_talk"] for t in pair}
+    b = BABI[split]
+    templates |= {t for ts in b["facts"].values() for t in ts} | {*b["replies"].values(), *b["lead_ins"]}
+    templates |= {t for qs in b["questions"].values() for pair in qs for t in pair}
     names = set(m["labels"]) | set(k["labels"]) | {o.split()[-1] for o in mem["owners"]}
     names |= {v for f in mem["facts"].values() for v in f.values}
+    names |= set(b["actors"]) | set(b["places"]) | set(b["objects"])
     return {"templates": templates, "names": names}
