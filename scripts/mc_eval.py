@@ -182,7 +182,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--tasks", default="passkey,needle,kv_recall,chat_memory,long_doc,quality",
                    help="passkey, needle (multi-key), kv_recall (asked raw and/or in chat, --views), chat_memory (chat "
-                        "only), long_doc, quality")
+                        "only), long_doc, quality; also qa1, qa2, qa3 (bAbI-style: one, two, three supporting facts)")
     p.add_argument("--views", default="raw,chat", help="how the exact-match tasks are asked: raw text, and/or as a "
                                                        "conversation (the session methods read it through MCSession)")
     p.add_argument("--filler", choices=["heldout", "val"], default="heldout",
@@ -326,7 +326,7 @@ def wandb_figures(res):
     mc_eval/quality/<entry>/<figure>."""
     out = {}
     for task in EXACT_TASKS:
-        for mult, cell in res[task].items():
+        for mult, cell in res.get(task, {}).items():
             out.update({f"mc_eval/{task}/{mult}x/{m}": v for m, v in cell.items() if v is not None})
     for task, view in res.get("chat", {}).items():
         for mult, cell in view["acc"].items():

@@ -566,3 +566,25 @@ def test_wilson_interval_against_reference_values():
     assert cell([True, None, False, True]) == {"acc": 0.6667, "n": 3, "ci": wilson(2, 3)}
     assert cell([None]) == {"acc": None, "n": 0, "ci": None}
     assert fmt(1.0, [0.963, 1.0], 100) == "100.0% (96-100, n=100)" and fmt(None) == "-"
+
+
+def test_story_tasks_run_raw_and_in_chat_and_the_oracle_opens_every_supporting_fact(tiny_base_env, tmp_path,
+                                                                                       monkeypatch):
+    import megacontext.eval.harness as H
+    asked_for = []
+
+    def recording(*a, **k):
+        asked_for.append(k["needed_spans"])
+        return build(*a, **k)
+    build = H.build_contexts
+    monkeypatch.setattr(H, "build_contexts", recording)
+    seen = []
+    make = H.make_example
+    monkeypatch.setattr(H, "make_example", lambda *a, **k: seen.append(make(*a, **k)) or seen[-1])
+    res = _run(tmp_path / "q.json", ["--tasks", "qa2", "--multiples", "4", "--needle-trials", "2", "--no-report",
+                                     "--methods", "truncation,bm25,oracle,megacontext,session"])
+    assert set(res["qa2"]["4"]) == {"truncation", "bm25", "oracle", "megacontext"}  # raw: no session
+    assert set(res["chat"]["qa2"]["acc"]["4"]) == {"truncation", "bm25", "oracle", "megacontext", "session"}
+    # the oracle is asked to open every supporting fact (two for qa2), not just the first needle
+    for (ex, _), spans in zip(seen, asked_for):
+        assert len(ex.needle_spans) == 2 and all(sp in spans for sp in ex.needle_spans)

@@ -18,12 +18,15 @@ from megacontext.eval import stats
 from megacontext.eval.quality import doc_windows
 from megacontext.eval.report import EXACT_TASKS, mean_or_none
 
-TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4, "quality": 5, "chat_memory": 6}
+TASK_IDS = {"passkey": 1, "needle": 2, "kv_recall": 3, "long_doc": 4, "quality": 5, "chat_memory": 6, "qa1": 7,
+            "qa2": 8, "qa3": 9}
 VIEW_IDS = {"raw": 0, "chat": 1}
 # mc_eval's task names -> tasks.longctx's plan builders
-GENERATORS = {"passkey": "passkey", "needle": "multikey", "kv_recall": "kv_recall", "chat_memory": "chat_memory"}
-RAW_TASKS = ("passkey", "needle", "kv_recall")  # exact-match tasks asked in raw text
-CHAT_TASKS = ("passkey", "needle", "kv_recall", "chat_memory")  # every task asked the way users ask, in chat
+GENERATORS = {"passkey": "passkey", "needle": "multikey", "kv_recall": "kv_recall", "chat_memory": "chat_memory",
+              "qa1": "qa1", "qa2": "qa2", "qa3": "qa3"}
+STORY_TASKS = ("qa1", "qa2", "qa3")  # bAbI-style: the answer needs every supporting fact (all the needles)
+RAW_TASKS = ("passkey", "needle", "kv_recall") + STORY_TASKS  # exact-match tasks asked in raw text
+CHAT_TASKS = ("passkey", "needle", "kv_recall", "chat_memory") + STORY_TASKS  # asked the way users ask, in chat
 # the chat view read through the runtime: MCSession.chat on the ingested conversation, and the same after the
 # memory was saved to disk and reopened
 SESSION_METHODS = ("session", "session_reopened")
@@ -158,8 +161,10 @@ def eval_example(ex, models, methods, budget, chat=None):
     ctx_methods = [m for m in methods if m not in SESSION_METHODS]
     tree = make_tree(hist, gistnet, gpt, cfg) if any(m in MC_METHODS for m in ctx_methods) else None
     asked = (getattr(ex, "key_spans", None) or ex.needle_spans)[0]  # the key's tokens when known
+    # what the oracle opens: the asked needle (a multi-key's other needles are other keys), or every supporting fact
+    needed = list(ex.needle_spans) if ex.plan is not None and ex.plan.task in STORY_TASKS else [ex.needle_spans[0]]
     ctxs = build_contexts(hist, budget, cfg, gpt, ctx_methods, gistnet, lensnet, tree, reranker, tok=tok,
-                          needed_spans=[ex.needle_spans[0]] + ([asked] if asked != ex.needle_spans[0] else []))
+                          needed_spans=needed + ([asked] if asked not in needed else []))
     check_same_budget(ctxs, f"{len(hist)} tokens")
     out = {}
     for m, c in ctxs.items():
@@ -263,7 +268,7 @@ def position_verdict(res):
     """slot vs gaussian: mean accuracy over every exact-match cell; long-doc NLL breaks ties."""
     a = {"slot": [], "gaussian": []}
     for task in EXACT_TASKS:
-        for cell in res[task].values():
+        for cell in res.get(task, {}).values():
             s, g = cell.get("megacontext"), cell.get("megacontext_gaussian")
             if s is not None and g is not None:
                 a["slot"].append(s)

@@ -9,10 +9,11 @@ import os
 from megacontext.eval.quality import quality_markdown, quality_problems
 from megacontext.eval.stats import fmt
 
-EXACT_TASKS = ("passkey", "needle", "kv_recall")
+EXACT_TASKS = ("passkey", "needle", "kv_recall", "qa1", "qa2", "qa3")  # the qa tasks only when asked for
 BASELINES = ("truncation", "sinks", "mean_pool", "bm25", "bm25_truncate")  # the budgeted methods MC must beat
 CHAT_NAMES = {"passkey": "passkey", "needle": "multi-key", "kv_recall": "key-value recall",
-              "chat_memory": "chat memory"}
+              "chat_memory": "chat memory", "qa1": "qa1 (one supporting fact)", "qa2": "qa2 (two supporting facts)",
+              "qa3": "qa3 (three supporting facts)"}
 
 
 def mean_or_none(xs):
@@ -93,7 +94,7 @@ def _acc_table(table, methods, intervals=None):
 def losses(res, methods):
     """Cells where full MegaContext does worse than the best budgeted baseline (quoted in the report)."""
     out = []
-    tables = [(task, res[task]) for task in EXACT_TASKS]
+    tables = [(task, res[task]) for task in EXACT_TASKS if res.get(task)]
     tables += [(f"chat {t}", v["acc"]) for t, v in res.get("chat", {}).items()]
     for task, table in tables:
         for mult, cell in table.items():
@@ -139,6 +140,10 @@ def report_markdown(res, images):
                  + _acc_table(res["needle"], methods, res.get("intervals", {}).get("needle")))
     parts.append(f"### Key-value recall ({c['needle_trials']} trials per cell)\n\n"
                  + _acc_table(res["kv_recall"], methods, res.get("intervals", {}).get("kv_recall")))
+    for task in ("qa1", "qa2", "qa3"):
+        if res.get(task):
+            parts.append(f"### {CHAT_NAMES[task]} in raw text ({c['needle_trials']} trials per cell)\n\n"
+                         + _acc_table(res[task], methods, res.get("intervals", {}).get(task)))
     for task, view in res.get("chat", {}).items():
         parts.append(f"### In chat: {CHAT_NAMES.get(task, task)} (the history as conversation turns, the question as "
                      f"the last user turn, the reply scored; `session`: through MCSession.chat, `session_reopened`: "
