@@ -6,8 +6,10 @@ Chat with a trained model in the terminal. Replies stream token by token.
     python -m scripts.chat_cli --memory ~/mem       # a conversation that persists across runs
     python -m scripts.chat_cli --memory ~/mem --ingest book.txt -p "Who wrote the letter?"
 
-In the interactive loop: `/ingest FILE [question]` reads a document into the conversation (the
-model then answers about it), `/stats` shows the memory, `clear` starts over, `quit` (or Ctrl-D) leaves.
+In the interactive loop: `/ingest FILE [question]` reads a document into the conversation (then asks the
+question, if any), `/stats` shows the memory, `clear` starts over, `quit` (or Ctrl-D) leaves. A document
+goes in as a user turn that pastes it and an assistant turn that acknowledges it (`ingest_document`, the
+same code as the web server's document upload), so the next question is answered from the memory.
 
 Two chat objects share one interface, `prompt_ids(messages)` and `stream(messages, ...)`, and
 scripts.chat_web serves either:
@@ -18,6 +20,7 @@ scripts.chat_web serves either:
   `--memory DIR` that memory is on disk and a later run continues it.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -176,6 +179,38 @@ class MemoryChat:
                 if self.persistent:
                     s.save()
 
+    def add_messages(self, messages, on_progress=None, step_lock=None, chunk_tokens=8192):
+        """
+        Render finished messages (a document and its acknowledgement) into memory without a reply, in
+        chunks of about `chunk_tokens` (more than the budget, so each is appended in one batched call).
+        Each chunk runs under `step_lock` (a server lets other conversations step in between) and is
+        followed by on_progress(tokens_done, tokens_total). Returns the number of tokens added.
+        """
+        with self.lock:
+            if self.closed:
+                from megacontext.runtime import SessionError
+                raise SessionError("this conversation's memory was closed")
+            s, tok = self.session, self.tokenizer
+            ids = [tok.get_bos_token_id()] if s.num_tokens == 0 else []
+            for m in messages:
+                ids += tok.render_turn(m["role"], m["content"])
+            n = len(ids)
+            # floor, so every chunk holds at least `chunk` tokens (a chunk within the budget would be
+            # appended a block at a time with a refocus after each)
+            chunks = max(1, n // max(chunk_tokens, s.cfg.budget + 1))
+            bounds = [n * i // chunks for i in range(chunks + 1)]
+            if on_progress is not None:
+                on_progress(0, n)
+            for a, b in zip(bounds, bounds[1:]):
+                with step_lock or contextlib.nullcontext():
+                    s.ingest(ids[a:b])
+                if on_progress is not None:
+                    on_progress(b, n)
+            self.turns += len(messages)
+            if self.persistent:
+                s.save()
+            return n
+
     def stats(self):
         return dict(self.session.stats(), turns=self.turns, memory_dir=self.session.memory_dir)
 
@@ -278,13 +313,55 @@ def read_document(path):
     return text
 
 
+# A document enters the conversation as the user pasting it and the assistant acknowledging it, in the
+# shape midtraining's pasted-text turns have (tasks/chat_view.py); the question comes as the next turn.
+DOC_INTRO = "Here is a document"
+DOC_ACK = "I've read it through."
+
+
+def document_messages(text, name=None):
+    """The two chat messages a document becomes: the user pasting it, the assistant acknowledging it."""
+    intro = f"{DOC_INTRO}, {name}:" if name else f"{DOC_INTRO}:"
+    return [{"role": "user", "content": intro + "\n\n" + text.strip()}, {"role": "assistant", "content": DOC_ACK}]
+
+
+def ingest_document(chat, text, name=None, on_progress=None, step_lock=None, chunk_tokens=8192):
+    """
+    Read a document into a conversation: the CLI's /ingest and --ingest and the server's document route
+    (POST /v1/conversations/{id}/documents) all come here. A MemoryChat renders it into its memory now
+    (on_progress(done, total) in tokens, chunks under step_lock: MemoryChat.add_messages); a plain chat
+    has no memory, and reads it from the transcript. Returns the messages to append to the transcript.
+    """
+    if not text.strip():
+        raise UserError("the document is empty: nothing to ingest")
+    messages = document_messages(text, name)
+    if hasattr(chat, "add_messages"):
+        chat.add_messages(messages, on_progress=on_progress, step_lock=step_lock, chunk_tokens=chunk_tokens)
+    return messages
+
+
+def progress_bar(out=None):
+    """An on_progress callback for ingest_document that draws a tqdm bar (closed when it reaches the total)."""
+    from tqdm import tqdm
+    bar = None
+
+    def update(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="ingest", unit="tok", unit_scale=True, file=out or sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return update
+
+
 def format_stats(chat):
     if not hasattr(chat, "stats"):
         return "(no MegaContext memory: this checkpoint has no MegaContext weights)"
     return "stats: " + json.dumps(chat.stats())
 
 
-HELP = ("Commands: /ingest FILE [question]  read a document into the conversation, then the model answers;\n"
+HELP = ("Commands: /ingest FILE [question]  read a document into the conversation, then ask the question;\n"
         "          /stats  memory statistics;  clear  start over;  quit  leave.\n")
 
 
@@ -299,8 +376,12 @@ def interactive(chat, gen_kwargs, inp=None, out=None, ingest=None):
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": reply(chat, messages, out, progress=progress, **gen_kwargs)})
 
+    def read_in(path, text):
+        messages.extend(ingest_document(chat, text, os.path.basename(path), on_progress=progress_bar()))
+        out.write(f"(read {path} into the conversation)\n")
+
     if ingest is not None:
-        turn(read_document(ingest), progress=True)
+        read_in(ingest, read_document(ingest))
     while True:
         out.write("\nUser: ")
         out.flush()
@@ -336,8 +417,10 @@ def interactive(chat, gen_kwargs, inp=None, out=None, ingest=None):
             except (UserError, ValueError) as e:
                 out.write(f"error: {e}\n")
                 continue
+            read_in(parts[0], doc)
             question = " ".join(parts[1:])
-            turn(doc.rstrip() + ("\n\n" + question if question else ""), progress=True)
+            if question:
+                turn(question)
             continue
         if not text:
             continue
@@ -381,10 +464,11 @@ def main(argv=None):
     gen_kwargs = dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
     try:
         if args.prompt is not None:
-            content = args.prompt if doc is None else doc.rstrip() + "\n\n" + args.prompt
+            messages = [] if doc is None else ingest_document(chat, doc, os.path.basename(args.ingest),
+                                                              on_progress=progress_bar())
             # just the reply on stdout, so `-p` composes with shell pipes; notices go to stderr
-            reply(chat, [{"role": "user", "content": content}], sys.stdout, prefix="", notice_out=sys.stderr,
-                  progress=doc is not None, **gen_kwargs)
+            reply(chat, messages + [{"role": "user", "content": args.prompt}], sys.stdout, prefix="",
+                  notice_out=sys.stderr, **gen_kwargs)
         else:
             interactive(chat, gen_kwargs, ingest=args.ingest)
     finally:

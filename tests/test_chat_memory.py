@@ -18,7 +18,8 @@ from megacontext.reranker import Reranker
 from megacontext.runtime import MCSession
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
-from scripts.chat_cli import MemoryChat, interactive
+from chat_server import chunks_text, sse_data
+from scripts.chat_cli import MemoryChat, document_messages, ingest_document, interactive
 from scripts.chat_web import Limits, create_app
 from test_runtime import text_of
 
@@ -77,6 +78,23 @@ def reference(tok, nets, turns, max_tokens, memory_dir=None):
     return out
 
 
+def reference_after_document(tok, nets, text, name, questions, max_tokens):
+    """The greedy replies of a fresh MemoryChat that read a document (ingest_document, as the CLI's /ingest and the
+    server's document route do) and was then asked `questions`, one request each."""
+    chat = memory_chat(tok, nets)
+    ingest_document(chat, text, name)
+    out = ["".join(chat.stream([{"role": "user", "content": q}], temperature=0.0, max_tokens=max_tokens))
+           for q in questions]
+    chat.close()
+    return out
+
+
+def document_tokens(tok, text, name):
+    """Tokens a document adds to a memory that holds something already: its two rendered turns."""
+    user, ack = document_messages(text, name)
+    return len(tok.render_turn("user", user["content"])) + len(tok.render_turn("assistant", ack["content"]))
+
+
 def run_cli(base, *args, stdin=None):
     env = {**os.environ, "NANOCHAT_BASE_DIR": base, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "--temperature", "0",
@@ -118,26 +136,28 @@ def test_cli_memory_persists_across_processes(tiny_base_env, tiny_docs, tmp_path
     second = run_cli(tiny_base_env, "--memory", mem, "--max-tokens", "5", stdin="/stats\nAnd the door?\n/stats\n")
     assert second.returncode == 0, second.stderr
     before, after = stats_lines(second.stdout)
-    doc_and_q = doc.read_text().rstrip() + "\n\nWhat is the key?"
-    n1 = 1 + 1 + len(tok.encode(doc_and_q)) + 1 + 1 + 6 + 1  # bos, user turn, assistant_start, 6 tokens, end
-    assert before["num_tokens"] == n1 and before["turns"] == 2
-    n2 = n1 + 1 + len(tok.encode("And the door?")) + 1 + 1 + 5 + 1
-    assert after["num_tokens"] == n2 and after["turns"] == 4
+    text = doc.read_text()
+    question = tok.render_turn("user", "What is the key?")
+    n1 = 1 + document_tokens(tok, text, "doc.txt") + len(question) + 1 + 6 + 1  # bos, ..., assistant_start, reply, end
+    assert before["num_tokens"] == n1 and before["turns"] == 4  # the document, its acknowledgement, the exchange
+    n2 = n1 + len(tok.render_turn("user", "And the door?")) + 1 + 5 + 1
+    assert after["num_tokens"] == n2 and after["turns"] == 6
     assert after["wc_cost"] <= BUDGET and after["refocus_count"] > before["refocus_count"]
-    # the memory holds exactly the two exchanges, and both replies as the processes printed them
+    # the memory holds exactly the document and the two exchanges, and both replies as the processes printed them
     s = session(tok, nets, mem)
     assert s.num_tokens == n2
     ids = s.tree.tokens(0, s.num_tokens).tolist()
     s.close()
     sp = tok.encode_special
     user_turns = [i for i, t in enumerate(ids) if t == sp("<|user_start|>")]
-    assert len(user_turns) == 2 and ids.count(sp("<|assistant_end|>")) == 2
-    assert tok.decode(ids[2:2 + len(tok.encode(doc_and_q))]) == doc_and_q
+    assert len(user_turns) == 3 and ids.count(sp("<|assistant_end|>")) == 3
+    pasted = document_messages(text, "doc.txt")[0]["content"]
+    assert tok.decode(ids[2:2 + len(tok.encode(pasted))]) == pasted and text.strip() in pasted
     assert tok.decode(ids[n1 - 7:n1 - 1]) == first.stdout.rstrip("\n")
     reply2 = second.stdout.split("Assistant: ")[1].split("\n")[0]
     assert tok.decode(ids[n2 - 6:n2 - 1]) == reply2
     # and the answers are the ones a single in-process conversation gives
-    assert reference(tok, nets, [doc_and_q, "And the door?"], 6)[0] == first.stdout.rstrip("\n")
+    assert reference_after_document(tok, nets, text, "doc.txt", ["What is the key?"], 6)[0] == first.stdout.rstrip("\n")
 
 
 def test_cli_memory_from_a_different_model_is_one_line_error(tiny_base_env, tmp_path):
@@ -171,12 +191,33 @@ def test_interactive_ingest_and_stats(tiny_base_env, tiny_docs, tmp_path):
     lines = out.getvalue()
     assert "error: cannot read" in lines and "is empty: nothing to ingest" in lines and "usage: /ingest" in lines
     (st, cleared) = stats_lines(lines)
-    content = text.rstrip() + "\n\nWho has the key?"
-    assert st["num_tokens"] == 1 + 1 + len(tok.encode(content)) + 1 + 1 + 7 + 1 and st["turns"] == 2
+    assert f"(read {doc} into the conversation)" in lines
+    n = 1 + document_tokens(tok, text, "notes.txt") + len(tok.render_turn("user", "Who has the key?")) + 1 + 7 + 1
+    assert st["num_tokens"] == n and st["turns"] == 4
     assert st["wc_cost"] <= BUDGET and st["memory_dir"] is None
     assert cleared["num_tokens"] == 0 and cleared["turns"] == 0  # clear: a fresh in-RAM memory
     answer = lines.split("Assistant: ")[1].split("\n")[0]
-    assert answer == reference(tok, nets, [content], 7)[0] and answer
+    assert answer == reference_after_document(tok, nets, text, "notes.txt", ["Who has the key?"], 7)[0] and answer
+
+
+def test_ingest_without_memory_puts_the_document_in_the_transcript(tiny_base_env, tmp_path):
+    """A plain GPT has no memory: ingest_document adds the same two messages to the transcript it reads."""
+    from nanochat.engine import Engine
+    from scripts.chat_cli import EngineChat
+    from test_chat_web import tiny_model
+    tok = get_tokenizer()
+    model = tiny_model(tok)
+    doc = tmp_path / "note.txt"
+    doc.write_text("The key is under the mat.")
+    out = io.StringIO()
+    messages = interactive(EngineChat(model, tok), {"temperature": 0.0, "max_tokens": 5}, out=out,
+                           inp=io.StringIO(f"/ingest {doc} Where is the key?\nquit\n"))
+    expected_turns = document_messages("The key is under the mat.", "note.txt") + [
+        {"role": "user", "content": "Where is the key?"}]
+    assert messages[:3] == expected_turns and messages[3]["role"] == "assistant"
+    prompt = tok.render_for_completion({"messages": expected_turns})
+    results, _ = Engine(model, tok).generate_batch(prompt, max_tokens=5, temperature=0.0)
+    assert messages[3]["content"] == tok.decode(results[0][len(prompt):])
 
 
 def test_memory_chat_sees_only_unseen_messages_and_rejects_bad_input(tiny_base_env):
@@ -202,19 +243,15 @@ def test_memory_chat_sees_only_unseen_messages_and_rejects_bad_input(tiny_base_e
 # --- chat_web --------------------------------------------------------------------------------
 
 
-def sse_events(text):
-    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
-
-
 def ask(client, messages, cid=None, max_tokens=6):
-    body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True}
     if cid is not None:
         body["conversation_id"] = cid
-    r = client.post("/chat/completions", json=body)
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    events = sse_events(r.text)
-    assert events[-1] == {"done": True}, events
-    return "".join(e["token"] for e in events[:-1])
+    events = sse_data(r.text.splitlines())
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length", events
+    return chunks_text(events[:-1])
 
 
 LIMITS = Limits(max_message_chars=20000)
@@ -231,7 +268,7 @@ def test_web_long_prompt_and_memory_across_app_instances(tiny_base_env, tiny_doc
     expected = reference(tok, tiny_nets(tok), [prompt, "And then?"], 6, memory_dir=str(tmp_path / "ref"))
     assert a1 == expected[0] and a1
     assert ask(client, [{"role": "user", "content": prompt}]) == a1  # no id: a fresh in-RAM memory, same answer
-    n1 = client.get("/memory/conv-1").json()["stats"]["num_tokens"]
+    n1 = client.get("/v1/conversations/conv-1").json()["stats"]["num_tokens"]
     assert n1 > 20 * BUDGET and os.path.isfile(os.path.join(root, "conv-1", "session.json"))
     app.state.memories.close()
     # a new server (new nets object, same weights) continues the conversation from disk
@@ -240,10 +277,10 @@ def test_web_long_prompt_and_memory_across_app_instances(tiny_base_env, tiny_doc
                   {"role": "user", "content": "And then?"}]
     a2 = ask(client2, transcript, cid="conv-1")
     assert a2 == expected[1]  # the same as one uninterrupted conversation
-    st = client2.get("/memory/conv-1").json()["stats"]
+    st = client2.get("/v1/conversations/conv-1").json()["stats"]
     assert st["num_tokens"] == n1 + 1 + len(tok.encode("And then?")) + 1 + 1 + 6 + 1 and st["turns"] == 4
     assert st["wc_cost"] <= BUDGET and "memory_dir" not in st
-    assert client2.get("/memory/nope").status_code == 404
+    assert client2.get("/v1/conversations/nope").json()["error"]["code"] == "conversation_not_found"
 
 
 @pytest.mark.parametrize("cid", ["../etc", "", "a" * 65, 5, "a b", "caf\u00e9", ["x"], "x/y"])
@@ -251,11 +288,15 @@ def test_web_conversation_id_is_validated(tiny_base_env, tmp_path, cid):
     tok = get_tokenizer()
     app = create_app(chat=memory_chat(tok, tiny_nets(tok)), limits=LIMITS, memory_root=str(tmp_path / "m"))
     client = TestClient(app)
-    r = client.post("/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                               "conversation_id": cid})
-    assert r.status_code == 400 and "conversation_id must be" in r.json()["error"]
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                  "conversation_id": cid})
+    assert r.status_code == 400 and "conversation_id must be" in r.json()["error"]["message"]
+    r = client.post("/v1/conversations", json={"id": cid})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "conversation_id"
     assert not os.path.exists(tmp_path / "m")  # nothing was created
-    assert client.get("/memory/a%20b").status_code == 400
+    for path in ("/v1/conversations/a%20b", "/v1/conversations/..%2Fetc/focus", "/v1/conversations/a.b/events"):
+        assert client.get(path).status_code in (400, 404)
+    assert client.delete("/v1/conversations/a%20b").status_code == 400
 
 
 def test_web_memory_of_another_model_is_a_clear_error(tiny_base_env, tmp_path):
@@ -265,6 +306,7 @@ def test_web_memory_of_another_model_is_a_clear_error(tiny_base_env, tmp_path):
     ask(client, [{"role": "user", "content": "hi"}], cid="c1", max_tokens=2)
     client.app.state.memories.close()
     other = TestClient(create_app(chat=memory_chat(tok, tiny_nets(tok, seed=1)), limits=LIMITS, memory_root=root))
-    r = other.post("/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "conversation_id": "c1"})
-    assert r.status_code == 409 and "different model" in r.json()["error"]
+    r = other.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                 "conversation_id": "c1"})
+    assert r.status_code == 409 and "different model" in r.json()["error"]["message"]
     ask(other, [{"role": "user", "content": "hi"}], cid="c2", max_tokens=2)  # other conversations still work
