@@ -194,7 +194,7 @@ def main(argv=None):
         print(f"\nbest: {best}")
     # the chosen settings per task and multiple
     res = bench.run(best)
-    print(f"\n| task | " + " | ".join(f"{m}x" for m in multiples) + " |\n" + "|---" * (1 + len(multiples)) + "|")
+    print("\n| task | " + " | ".join(f"{m}x" for m in multiples) + " |\n" + "|---" * (1 + len(multiples)) + "|")
     for t in TASKS:
         cells = [res[(t, m)] for m in multiples]
         print(f"| {t} | " + " | ".join("/".join(f"{100 * c[j]:.0f}" for j in (0, 1, 4, 2, 3)) for c in cells) + " |")

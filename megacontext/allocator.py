@@ -14,6 +14,10 @@ One pass (`plan_edits`, pure):
    left (the budget wins over the cooldown), and not capped by max_edits (the budget must hold).
    `pins` (raw blocks, most wanted first: the blocks focus opened for a question) fold only after
    every other group, in cooldown or not, the least wanted pin first.
+   With `late_margin` (the runtime passes tau), the groups scored within late_margin of the lowest
+   are equally good and the newest of them folds first: the GPT's K/V are recomputed from the first
+   edited slot on (megacontext/kvcache.py), so a fold next to the present costs a few dozen slots
+   where the oldest costs the whole window.
    A pass that had to collapse stops there.
 2. otherwise up to max_edits voluntary edits, strongest |score| first: expand a gist whose score
    > tau, collapse a sibling group whose mean score < -tau; an expansion must fit the budget, paid
@@ -149,9 +153,26 @@ def _pin_ranks(g, pins):
     return rank
 
 
-def plan_edits(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None):
+def _forced_order(g, scores, late, rank, late_margin):
+    """The order in which a forced pass folds the collapse groups `g`: unpinned first, then not in cooldown,
+    then the lowest score, oldest first (a pin: the least wanted first). With late_margin, inside each
+    (pinned, cooldown) class of unpinned groups, those within late_margin of the class's lowest score come
+    first, newest first; the rest follow by score, oldest first."""
+    pinned = rank >= 0
+    key = np.where(pinned, -rank, scores)
+    if late_margin is None:
+        return np.lexsort((g["start"], key, late, pinned))
+    cls = 2 * pinned + late
+    lowest = np.full(4, np.inf)
+    np.minimum.at(lowest, cls, scores)
+    band = ~pinned & (scores <= lowest[cls] + late_margin)
+    return np.lexsort((g["start"], np.where(band, -g["start"], key), ~band, late, pinned))
+
+
+def plan_edits(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None, late_margin=None):
     """The pure core: (wc, scores, budget, cooldown state, pins, expandable) -> list[Edit] (see the module
-    docstring). pins: raw block indices, most wanted first; expandable: None or a bool mask over the entries."""
+    docstring). pins: raw block indices, most wanted first; expandable: None or a bool mask over the entries;
+    late_margin: None, or a score margin within which forced collapses prefer the newest group."""
     K, tau = cfg.block_size, cfg.tau
     scores = _as_scores(wc, scores)
     if expandable is not None:
@@ -171,10 +192,8 @@ def plan_edits(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None
                 raise WCError(f"no legal collapse left with cost {cost} > budget {budget}")
             late = blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown)
             need = -(-(cost - budget) // (K - 1))
-            rank = _pin_ranks(g, pins)
-            pinned = rank >= 0
             # unpinned first, then not in cooldown, then the lowest score (a pin: the least wanted), oldest
-            pick = np.lexsort((g["start"], np.where(pinned, -rank, g["score"]), late, pinned))[:need]
+            pick = _forced_order(g, g["score"], late, _pin_ranks(g, pins), late_margin)[:need]
             picks = [(int(g["pos"][j]), int(g["n"][j]), "collapse", int(g["level"][j]), int(g["index"][j]))
                      for j in pick]
             edits += [Edit("collapse", p[3], p[4]) for p in picks]
@@ -229,6 +248,85 @@ def plan_edits(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None
     return edits
 
 
+def permutation_invariant(wc, scores, members, budget, cooldown_state, cfg, pins=(), expandable=None,
+                          late_margin=None):
+    """
+    True when plan_edits returns the same edits for every permutation of scores[members] (a sufficient test:
+    False means "it might not"). The focus policy's reranker only hands LensNet's shortlist scores out in
+    another order (focus.rerank_scores), so where this holds, running it cannot change the pass.
+    Over budget: no group the permutation can move (one holding members, unpinned) is picked, and none can
+    reach the picks (its lowest possible mean stays above the lowest unmoved score of its class plus
+    late_margin, and above every out-of-band pick of its class). Within budget: no member can be a voluntary
+    expansion (none expandable, or every member score <= tau), and no group holding members can reach a
+    mean below -tau.
+    """
+    scores = _as_scores(wc, scores)
+    members = np.unique(np.asarray(members, dtype=np.int64))
+    vals = np.sort(scores[members])
+    if len(vals) < 2 or vals[0] == vals[-1]:
+        return True
+    K, tau = cfg.block_size, cfg.tau
+    state = cooldown_state or CooldownState()
+    check_budget_fits(wc.num_tokens, budget, cfg)
+    cost = wc_cost(wc, K)
+    g = collapse_groups(wc, cfg, scores)
+    # the range of each group's mean over every permutation: its members take the m lowest or highest values
+    inm = np.zeros(len(wc), dtype=bool)
+    inm[members] = True
+    cm = np.concatenate([[0], np.cumsum(inm)])
+    cs = np.concatenate([[0.0], np.cumsum(np.where(inm, 0.0, scores))])
+    pos, n = g["pos"], g["n"]
+    m = cm[pos + n] - cm[pos]
+    fixed = cs[pos + n] - cs[pos]
+    lo = (fixed + np.concatenate([[0.0], np.cumsum(vals)])[m]) / n
+    rank = _pin_ranks(g, pins)
+    moved = (m > 0) & (rank < 0)  # a pin folds by rank, whatever its score
+    if cost > budget:
+        need = -(-(cost - budget) // (K - 1))
+        if not moved.any():
+            return True
+        if len(pos) < need:
+            return False  # chained folds of folds: not analysed
+        late = blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown)
+        pick = _forced_order(g, g["score"], late, rank, late_margin)[:need]
+        if moved[pick].any():
+            return False
+        cls = 2 * (rank >= 0) + late
+        c = cls[pick].max()  # groups of earlier classes are all picked; of later classes, never
+        mine = moved & (cls == c)
+        if not mine.any():
+            return True
+        unmoved = (cls == c) & ~moved
+        if not unmoved.any():
+            return False
+        floor = g["score"][unmoved].min()
+        if late_margin is None:
+            # the picks of class c are its lowest unmoved scores: a moved group must stay above the highest
+            return bool((lo[mine] > g["score"][pick[cls[pick] == c]].max()).all())
+        top = floor + late_margin  # the band of equally good folds, as it is
+        picked = pick[cls[pick] == c]
+        out = picked[g["score"][picked] > top]  # picks past the band (by score, oldest first)
+        if len(out):  # a moved group must stay out of the band and behind those picks
+            return bool((lo[mine] > top).all() and (lo[mine] > g["score"][out].max()).all())
+        # every pick of class c is in the band, the newest first. The band's edge moves with the class's lowest
+        # score, between min(floor, lowest lo) + late_margin and `top`: the picks stay picked if they stay in the
+        # band at its lowest edge, and no other group that is in it at its highest is newer than the oldest pick
+        if g["score"][picked].max() > min(floor, lo[mine].min()) + late_margin:
+            return False
+        rest = np.ones(len(pos), dtype=bool)
+        rest[picked] = False
+        join = rest & (cls == c) & (np.where(moved, lo, g["score"]) <= top)
+        return bool((g["start"][join] < g["start"][picked].min()).all())
+    lv, ix = wc.levels, wc.indices
+    grow = (lv[members] >= 1) & ~blocked_nodes(state, "expand", lv[members], ix[members], cfg.cooldown)
+    if expandable is not None:
+        grow &= np.asarray(expandable, dtype=bool)[members]
+    if grow.any() and vals[-1] > tau:
+        return False
+    fold = moved & ~blocked_nodes(state, "collapse", g["level"], g["index"], cfg.cooldown)
+    return bool((lo[fold] >= -tau).all())
+
+
 def _apply_one(wc, e, cfg):
     K = cfg.block_size
     op, L, i = e[0], int(e[1]), int(e[2])
@@ -277,9 +375,9 @@ def expand(wc, j, cfg):
     return apply_edits(wc, [Edit("expand", int(wc.levels[j]), int(wc.indices[j]))], cfg)
 
 
-def refocus(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None):
+def refocus(wc, scores, budget, cooldown_state, cfg, pins=(), expandable=None, late_margin=None):
     """One allocator pass: (edits, new_wc, new_cooldown_state)."""
     state = cooldown_state or CooldownState()
-    edits = plan_edits(wc, scores, budget, state, cfg, pins, expandable)
+    edits = plan_edits(wc, scores, budget, state, cfg, pins, expandable, late_margin)
     new_wc = apply_edits(wc, edits, cfg, budget)
     return edits, new_wc, next_cooldown_state(state, edits, cfg.cooldown)

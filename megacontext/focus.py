@@ -24,7 +24,8 @@ WCs and the evaluation's ceiling).
 import numpy as np
 import torch
 
-from megacontext.allocator import Edit, apply_edits, collapse_groups, expand, refocus as allocator_refocus
+from megacontext.allocator import (Edit, apply_edits, collapse_groups, expand, permutation_invariant,
+                                   refocus as allocator_refocus)
 from megacontext.reranker import candidate_ids, question_len
 from megacontext.working_context import all_raw, coarsest_wc, entry_spans, wc_cost
 
@@ -73,10 +74,14 @@ def leads_next_to(level, index, blocks, K):
 
 def near_kept(wc, kept, K):
     """bool mask over wc's entries: the gists that cover a block of `kept` or a block next to one (a kept
-    block a forced collapse folded may open again, and so may the rest of a needle cut by a block edge)."""
-    near = [n for b in kept for n in (b - 1, b, b + 1)]
-    return np.array([L >= 1 and covers_any(L, i, near, K) for L, i in zip(wc.levels.tolist(), wc.indices.tolist())],
-                    dtype=bool)
+    block a forced collapse folded may open again, and so may the rest of a needle cut by a block edge).
+    Vectorised (`covers_any` for every entry at once: it runs at every refocus pass of a reply)."""
+    near = np.array([n for b in kept for n in (b - 1, b, b + 1) if n >= 0], dtype=np.int64)
+    lv = wc.levels
+    if len(near) == 0:
+        return np.zeros(len(lv), dtype=bool)
+    blocks = np.power(np.int64(K), np.maximum(lv - 1, 0))  # raw blocks under one gist of each entry's level
+    return (lv >= 1) & (near[None, :] // blocks[:, None] == wc.indices[:, None]).any(1)
 
 
 def open_blocks(wc, blocks, cfg):
@@ -232,8 +237,22 @@ def question_focus(num_tokens, budget, cfg, lensnet, reader, wte, reranker=None,
     return wc
 
 
+def carry_scores(old, scores, new, K):
+    """Scores for the entries of `new` from those of `old` (the same history, edited): an entry both hold keeps its
+    score; a gist a collapse created gets the mean of the entries it folded (allocator._splice's rule); an entry an
+    expansion created, the score of the gist it came from."""
+    so, _ = entry_spans(old, K)
+    sn, en = entry_spans(new, K)
+    lo = np.searchsorted(so, sn, side="left")
+    hi = np.searchsorted(so, en, side="left")
+    cs = np.concatenate([[0.0], np.cumsum(scores)])
+    cover = np.searchsorted(so, sn, side="right") - 1
+    n = hi - lo
+    return np.where(n > 0, (cs[hi] - cs[lo]) / np.maximum(n, 1), np.asarray(scores)[cover])
+
+
 @torch.no_grad()
-def incremental_refocus(wc, reader, lensnet, reranker, wte, cfg, cooldown, kept=()):
+def incremental_refocus(wc, reader, lensnet, reranker, wte, cfg, cooldown, kept=(), stats=None):
     """
     Up to cfg.refocus_passes chained allocator passes over LensNet's scores (the reranker reordering its level-1
     shortlist), rescoring in between so that a level-2 gist can reach raw tokens. With `kept` (the raw blocks
@@ -246,16 +265,42 @@ def incremental_refocus(wc, reader, lensnet, reranker, wte, cfg, cooldown, kept=
       the reply. LensNet scores every labelled key alike, and a refocus during the answer spent the room
       focus left on another key's block (multi-key at 16x through the runtime: 28 of 30 right, 29 with the
       rule; dev/LOG.md, 2026-11-23, 'the reply opens blocks only next to focus's').
-    Returns (edits, wc, cooldown).
+    What a refocus costs, and the three rules that keep it small (deterministic; measured by scripts/mc_bench.py):
+    - forced collapses fold the newest of the groups scored within tau of the lowest (allocator `late_margin`):
+      the GPT's K/V are recomputed from the first edited slot on, and the common refocus (the fold after each
+      completed block) then lands next to the raw tail, not anywhere in the window;
+    - LensNet is run again only after a pass that expanded (its new entries need scores); after a pass that
+      only collapsed, the next pass reads the same scores carried over (`carry_scores`: a folded group scores
+      its mean), so a refocus costs one LensNet forward, not one per pass;
+    - the reranker runs only where its reordering could change the pass (`allocator.permutation_invariant`:
+      exact, the pass is the same either way).
+    stats: an optional dict that counts "lens", "rerank" and "rerank_skipped". Returns (edits, wc, cooldown).
     """
+    K = cfg.block_size
     edits = []
+    raw = None  # LensNet's scores of wc (fresh, or carried over a collapse-only pass)
+    count = stats if stats is not None else {}
     for _ in range(cfg.refocus_passes):
-        scores = rerank_scores(lensnet.score([wc], reader, wte)[0][0], wc, reader, reranker, wte, cfg)
-        expandable = near_kept(wc, kept, cfg.block_size) if len(kept) else None
-        e, wc, cooldown = allocator_refocus(wc, scores, cfg.budget, cooldown, cfg, pins=kept, expandable=expandable)
+        if raw is None:
+            raw = lens_scores(lensnet, wc, reader, wte)
+            count["lens"] = count.get("lens", 0) + 1
+        expandable = near_kept(wc, kept, K) if len(kept) else None
+        scores = raw
+        short = shortlist(raw, wc, cfg.rerank_k)
+        if reranker is not None and cfg.rerank_k >= 2 and len(short) >= 2:
+            if permutation_invariant(wc, raw, short, cfg.budget, cooldown, cfg, pins=kept, expandable=expandable,
+                                     late_margin=cfg.tau):
+                count["rerank_skipped"] = count.get("rerank_skipped", 0) + 1
+            else:
+                scores = rerank_scores(raw, wc, reader, reranker, wte, cfg)
+                count["rerank"] = count.get("rerank", 0) + 1
+        e, new, cooldown = allocator_refocus(wc, scores, cfg.budget, cooldown, cfg, pins=kept, expandable=expandable,
+                                             late_margin=cfg.tau)
         edits += e
         if not e:
             break
+        raw = None if any(x.op == "expand" for x in e) else carry_scores(wc, raw, new, K)
+        wc = new
     return edits, wc, cooldown
 
 

@@ -14,6 +14,10 @@ before the first differing key keeps its K/V, and the rest is recomputed in one 
 `sync(wc, reader)` does exactly that (via `KVCache.truncate`) and leaves the logits of the last slot
 in `last_logits`, so decoding is: sync, sample from last_logits, append the token, sync, ...
 `full_logits` is the reference: a from-scratch forward of the same working context.
+
+The decode step is the hot path: when the new WC only appends tokens to the synced one (its entries extend
+the old ones with raw blocks), the new slots are the new tokens, read alone, at the next positions, and no
+per-slot layout of the whole window is rebuilt (`_appended`).
 """
 import numpy as np
 import torch
@@ -23,9 +27,10 @@ from megacontext.positions import slot_layout, wc_positions
 from megacontext.working_context import WorkingContext, materialize, forward_wc, wc_slot_embeddings
 
 
-def slot_keys(wc, K, max_level):
-    """(T,) int64: raw token t -> t * M, gist (L, i) -> i * M + L, M = max_level + 1 (unique per slot)."""
-    entry, starts, _, offset = slot_layout(wc.levels, wc.indices, wc.num_tokens, K)
+def slot_keys(wc, K, max_level, layout=None):
+    """(T,) int64: raw token t -> t * M, gist (L, i) -> i * M + L, M = max_level + 1 (unique per slot).
+    layout: slot_layout(wc) if the caller has it."""
+    entry, starts, _, offset = layout or slot_layout(wc.levels, wc.indices, wc.num_tokens, K)
     lv = wc.levels[entry]
     M = max_level + 1
     return np.where(lv == 0, (starts[entry] + offset) * M, wc.indices[entry] * M + lv)
@@ -38,9 +43,11 @@ def first_difference(a, b):
     return int(diff[0]) if len(diff) else n
 
 
-def suffix_slot_embeddings(wc, reader, wte, cfg, p):
-    """Slot embeddings of slots [p, T) only: reads just the entries that hold them (O(T - p) rows)."""
-    entry, _, _, _ = slot_layout(wc.levels, wc.indices, wc.num_tokens, cfg.block_size)
+def suffix_slot_embeddings(wc, reader, wte, cfg, p, entry=None):
+    """Slot embeddings of slots [p, T) only: reads just the entries that hold them (O(T - p) rows).
+    entry: the slot -> entry map of slot_layout(wc) if the caller has it."""
+    if entry is None:
+        entry, _, _, _ = slot_layout(wc.levels, wc.indices, wc.num_tokens, cfg.block_size)
     e = int(entry[p])
     first_slot = int(np.searchsorted(entry, e))  # the first slot of entry e
     sub = WorkingContext(wc.levels[e:], wc.indices[e:], wc.num_tokens)  # spans are per-entry arithmetic
@@ -67,6 +74,8 @@ class WCKVCache:
         self.check_exact = False     # debug/tests: compare every sync with a full recompute
         self.recomputed = 0          # slots forwarded in total (prefills + decode steps)
         self.syncs = 0
+        self.last_recomputed = 0     # slots forwarded by the last sync
+        self._synced = None          # (levels, indices, num_tokens) of the WC the cache holds
 
     def __len__(self):
         return len(self.keys)
@@ -75,6 +84,17 @@ class WCKVCache:
         self.kv.truncate(0)
         self.keys = np.zeros(0, np.int64)
         self.last_logits = None
+        self._synced = None
+
+    def _appended(self, wc):
+        """Whether `wc` is the synced WC with tokens appended (the same entries, then raw blocks only), with
+        every synced slot still in the cache: then its slots are the old ones and the new tokens, in order."""
+        if self._synced is None or self.kv.pos != len(self.keys) or self.last_logits is None:
+            return False
+        lv, ix, n = self._synced
+        W = len(lv)
+        return (wc.num_tokens > n and len(wc) >= W and np.array_equal(wc.levels[:W], lv)
+                and np.array_equal(wc.indices[:W], ix) and not wc.levels[W:].any())
 
     def _forward(self, embeds, pos, sigma, all_logits):
         device = self.gpt.get_device()
@@ -92,20 +112,37 @@ class WCKVCache:
         Returns the number of slots recomputed, or with all_logits=True the (recomputed, V) logits.
         """
         K = self.cfg.block_size
-        keys = slot_keys(wc, K, self.cfg.max_level)
-        if len(keys) == 0:
-            raise ValueError("cannot run the GPT on an empty working context (nothing ingested yet)")
-        p = first_difference(keys, self.keys)
-        if p == len(keys) and p == len(self.keys) and self.last_logits is not None and not all_logits:
-            return 0
-        p = min(p, len(keys) - 1, self.kv.pos)  # at least the last slot, so its logits are fresh
-        self.kv.truncate(p)
         wte = self.gpt.transformer.wte
-        embeds = suffix_slot_embeddings(wc, reader, wte, self.cfg, p)
-        pos, sigma = wc_positions(wc, K, self.scheme)
-        logits = self._forward(embeds, pos[p:], None if sigma is None else sigma[p:], all_logits)
+        if self._appended(wc):  # decode: the new slots are the new tokens, after every old slot
+            a, n, p = self._synced[2], wc.num_tokens, len(self.keys)
+            keys = np.concatenate([self.keys, np.arange(a, n, dtype=np.int64) * (self.cfg.max_level + 1)])
+            embeds = wte(reader.tokens(a, n).to(wte.weight.device))
+            if self.scheme == "slot":
+                pos, sigma = torch.arange(p, len(keys), dtype=torch.float32), None
+            else:  # a raw token sits at its own position, exact RoPE
+                pos, sigma = torch.from_numpy(np.arange(a, n, dtype=np.float64)).float(), torch.zeros(n - a)
+        else:
+            layout = slot_layout(wc.levels, wc.indices, wc.num_tokens, K)  # once: keys, entries, positions
+            keys = slot_keys(wc, K, self.cfg.max_level, layout)
+            if len(keys) == 0:
+                raise ValueError("cannot run the GPT on an empty working context (nothing ingested yet)")
+            p = first_difference(keys, self.keys)
+            if p == len(keys) and p == len(self.keys) and self.last_logits is not None and not all_logits:
+                self.last_recomputed = 0
+                return 0
+            p = min(p, len(keys) - 1, self.kv.pos)  # at least the last slot, so its logits are fresh
+            embeds = suffix_slot_embeddings(wc, reader, wte, self.cfg, p, layout[0])
+            if self.scheme == "slot":
+                pos, sigma = torch.arange(p, len(keys), dtype=torch.float32), None
+            else:
+                pos, sigma = wc_positions(wc, K, self.scheme)
+                pos, sigma = pos[p:], sigma[p:]
+        self.kv.truncate(p)
+        logits = self._forward(embeds, pos, sigma, all_logits)
         self.keys = keys
+        self._synced = (wc.levels.copy(), wc.indices.copy(), wc.num_tokens)
         self.last_logits = logits[-1]
+        self.last_recomputed = len(keys) - p
         self.recomputed += len(keys) - p
         self.syncs += 1
         if self.check_exact:

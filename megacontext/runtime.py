@@ -13,7 +13,10 @@ a question, a chat turn) `question_focus` rebuilds it for the present, and while
 reply) `incremental_refocus` keeps it within budget, after every K tokens or whenever the WC goes over,
 with the blocks the question focus opened pinned. The GPT only runs on a WC within budget, through a
 WCKVCache (kvcache.py) that recomputes only from the first edited slot, so per-token decode cost does not
-grow with the history.
+grow with the history. A refocus runs LensNet once (again only after a pass that expanded), the reranker only
+where it could change the pass, and folds what the budget forces next to the present, so the slots recomputed
+after it are about the raw tail's (focus.incremental_refocus); decoding reads the newest tokens from RAM
+(`RecentTokens`). `python -m scripts.mc_bench` measures all of it against plain KV-cached decoding.
 
 Collaborators: loading a checkpoint (megacontext/checkpoint.py), persistence (megacontext/memory_store.py),
 the chat format, sampling, stop tokens and stream decoding (nanochat/tokenizer.py, nanochat/engine.py).
@@ -37,6 +40,50 @@ from megacontext.working_context import all_raw, append_tokens, recency_pyramid,
 logger = logging.getLogger("nanochat")
 
 __all__ = ["MCSession", "SessionError", "SESSION_FILE"]
+
+
+class RecentTokens:
+    """
+    The tree as decoding reads it: its newest `keep` token ids from RAM, everything else (older tokens, gists)
+    from the tree, so reads return exactly the tree's ids. Every decode step reads the newest tokens (the new
+    slot; at a refocus the raw tail and the reranker's question), and an on-disk tree maps its token file again
+    for each read past what it mapped last (~0.15 ms a token on CPU, a tenth of a depth-2 GPT step).
+    The session reports what it appends (`appended`); if the tree grew some other way, the RAM copy is not used
+    until the next append re-reads it from the tree.
+    """
+
+    def __init__(self, tree, keep):
+        self.tree, self.keep = tree, int(keep)
+        self._ids, self._start = None, 0  # int64 ids of tokens [start, start + len(ids))
+
+    def _fresh(self):
+        return self._ids is not None and self._start + len(self._ids) == self.tree.num_tokens
+
+    def appended(self, ids):
+        """The tree has just appended `ids` (a 1-D int64 tensor)."""
+        n = self.tree.num_tokens
+        if self._ids is not None and self._start + len(self._ids) + len(ids) == n:
+            buf = torch.cat([self._ids, ids.to(self._ids.device)])[-self.keep:]
+        else:
+            buf = self.tree.tokens(max(0, n - self.keep), n)
+        self._ids, self._start = buf, n - len(buf)
+
+    def tokens(self, start, end):
+        if self._fresh() and self._start <= start <= end <= self._start + len(self._ids):
+            return self._ids[start - self._start:end - self._start]
+        return self.tree.tokens(start, end)
+
+    def gists(self, level, start, end):
+        return self.tree.gists(level, start, end)
+
+    @property
+    def num_tokens(self):
+        return self.tree.num_tokens
+
+    def __getattr__(self, name):  # vocab_size, device, ...: the tree's
+        if name == "tree":
+            raise AttributeError(name)
+        return getattr(self.tree, name)
 
 
 class MCSession:
@@ -83,6 +130,9 @@ class MCSession:
             self.tree = MCTree.create(self._tree_dir(), cfg, self.gistnet, wte, model_id=self.identity["gpt"])
             self.wc = all_raw(0, cfg)
             self.save()
+        self.reader = RecentTokens(self.tree, cfg.budget + 2 * self.K)  # what decode and refocus read through
+        self.focus_counts = {}  # incremental_refocus's LensNet and reranker calls (not saved)
+        self._cost = None       # (wc, its cost) as _after_append left them
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -113,6 +163,9 @@ class MCSession:
         d = self.memory_dir
         saved = read_saved(d, self.identity, self.cfg)
         self.tree = MCTree.open(self._tree_dir(), self.gistnet, wte, model_id=self.identity["gpt"], cfg=self.cfg)
+        self.reader = RecentTokens(self.tree, self.cfg.budget + 2 * self.K)
+        self.focus_counts = {}
+        self._cost = None
         if self.tree.stale:
             raise SessionError(f"memory {d}: the tree's gists are stale ({self.tree.stale_reason})")
         N, wc = self.tree.num_tokens, saved.wc
@@ -165,7 +218,7 @@ class MCSession:
                 from tqdm import tqdm
                 bar = tqdm(total=n, desc="ingest", unit="tok", unit_scale=True)
             for a in range(0, n, step):
-                self.tree.append(ids[a:a + step])
+                self._append(ids[a:a + step])
                 if bar is not None:
                     bar.update(min(step, n - a))
             if bar is not None:
@@ -174,7 +227,7 @@ class MCSession:
             pos = 0
             while pos < n:  # a block at a time, so the refocus cadence does not depend on the chunking
                 take = min(n - pos, self.K - self.since_refocus)
-                self.tree.append(ids[pos:pos + take])
+                self._append(ids[pos:pos + take])
                 self._after_append(take)
                 pos += take
         self.focus()
@@ -193,10 +246,20 @@ class MCSession:
         self.refocus_count += 1
         self.since_refocus = 0
 
+    def _append(self, ids):
+        """Append validated ids (1-D int64 tensor) to the tree, and tell the reader."""
+        self.tree.append(ids)
+        self.reader.appended(ids)
+
     def _after_append(self, n):
-        self.wc = append_tokens(self.wc, self.tree.num_tokens, self.cfg)
+        old = self.wc
+        self.wc = append_tokens(old, self.tree.num_tokens, self.cfg)
+        # appended tokens are raw, one slot each: the cost of the WC this method left last, plus n
+        known = self._cost is not None and self._cost[0] is old
+        cost = self._cost[1] + self.wc.num_tokens - old.num_tokens if known else wc_cost(self.wc, self.K)
+        self._cost = (self.wc, cost)
         self.since_refocus += n
-        if self.since_refocus >= self.K or wc_cost(self.wc, self.K) > self.cfg.budget:
+        if self.since_refocus >= self.K or cost > self.cfg.budget:
             self.refocus()
 
     @torch.no_grad()
@@ -205,9 +268,9 @@ class MCSession:
         chained passes, the kept blocks pinned). Returns the edits made."""
         if self.tree.num_tokens == 0:
             return []
-        edits, self.wc, self.cooldown = incremental_refocus(self.wc, self.tree, self.lensnet, self.reranker,
+        edits, self.wc, self.cooldown = incremental_refocus(self.wc, self.reader, self.lensnet, self.reranker,
                                                             self.gpt.transformer.wte, self.cfg, self.cooldown,
-                                                            self.kept)
+                                                            self.kept, stats=self.focus_counts)
         self.refocus_count += 1
         self.edit_count += len(edits)
         self.since_refocus = 0
@@ -239,9 +302,9 @@ class MCSession:
         rng = torch.Generator(device=self.device)
         rng.manual_seed(seed)
         for _ in range(max_tokens):
-            self.kv.sync(self.wc, self.tree)
+            self.kv.sync(self.wc, self.reader)
             t = int(sample_next_token(self.kv.last_logits[None], rng, temperature, top_k))
-            self.tree.append([t])
+            self._append(torch.tensor([t]))
             self._after_append(1)
             yield t
             if t in stops:
@@ -317,7 +380,7 @@ class MCSession:
             self.kv.reset()
             logits = self._score_empty(ids)
             return torch.nn.functional.cross_entropy(logits, target[1:]).item()
-        self.kv.sync(self.wc, self.tree)
+        self.kv.sync(self.wc, self.reader)
         rest = self.kv.score_continuation(self.wc, ids[:-1]) if len(ids) > 1 else None
         logits = self.kv.last_logits[None] if rest is None else torch.cat([self.kv.last_logits[None], rest])
         return torch.nn.functional.cross_entropy(logits, target).item()

@@ -319,6 +319,30 @@ def test_mc_bench_writes_the_documented_json(tmp_path, monkeypatch):
     # L0 stores 4-byte ids; gists add 2 * 64 bytes per 32 tokens at level 1 (fp16): ~8 bytes/token
     assert 4 < out["bytes_per_token"] < 12
     assert all(w["wc_cost"] <= 192 for w in out["wc"].values())
+    # side by side with plain KV decoding, and the refocus figures, at both ends
+    v = out["decode_vs_plain"]
+    assert v["history"] == 300 and min(v["megacontext"], v["full_kv"], v["window"]) > 0
+    assert v["ratio_full_kv"] > 0 and v["ratio_window"] > 0 and 0 < v["window_slots"] <= 192
+    assert out["config"]["source"] == "random-init"  # no SFT checkpoint in this base dir
+    assert set(out["refocus"]) == {"300", "3000"}
+    for r in out["refocus"].values():
+        assert r["max_abs_logit_diff"] <= 1e-4 and 0 < r["slots_mean"] <= r["of"] and r["refocus_ms"] > 0
+    assert out["refocus_slots_recomputed"]["mean"] == out["refocus"]["3000"]["slots_mean"]
+
+
+def test_mc_bench_benchmarks_the_sft_checkpoint_when_there_is_one(tok, tiny_base_env, tmp_path):
+    from scripts import mc_bench
+    assert mc_bench.mc_checkpoint_source() is None
+    cfg = tiny_cfg()
+    write_checkpoint(tiny_base_env, cfg, tiny_nets(cfg, tok.get_vocab_size()), source_dir="chatsft_checkpoints",
+                     with_mc=False)
+    assert mc_bench.mc_checkpoint_source() is None  # a plain SFT checkpoint: random init
+    write_checkpoint(tiny_base_env, cfg, tiny_nets(cfg, tok.get_vocab_size()), source_dir="chatsft_checkpoints")
+    assert mc_bench.mc_checkpoint_source() == "sft"
+    res = mc_bench.main(["--histories", "100,400", "--decode-tokens", "8", "--rounds", "1", "--ratio-rounds", "1",
+                         "--refocus-events", "2", "--device", "cpu", "--no-report", "--out", str(tmp_path / "b.json")])
+    assert res["config"]["source"] == "sft" and res["config"]["budget"] == cfg.budget  # the checkpoint's budget
+    assert all(r["max_abs_logit_diff"] <= 1e-4 for r in res["refocus"].values())
 
 
 def test_mc_bench_decodes_in_a_full_working_context(tmp_path, monkeypatch):
