@@ -3,11 +3,12 @@ Write README.md's results table from an evaluation run, so that the figures a re
 current code measured, with the commit that measured them, never typed by hand.
 
     python -m dev.readme_results                       # $NANOCHAT_BASE_DIR/report/mc_eval.json -> README.md
-    python -m dev.readme_results --json path/to/mc_eval.json --readme README.md --check
+    python -m dev.readme_results --json path/to/mc_eval.json --bench path/to/mc_bench.json --check
 
-The table goes between the README's `<!-- results:start -->` and `<!-- results:end -->` markers. Every
-cell is an accuracy with its 95 % Wilson interval and trial count. --check exits with status 1 when the
-README's table differs from the one the JSON gives (e.g. in CI after a hand edit).
+The accuracy tables go between the README's `<!-- results:start -->` and `<!-- results:end -->` markers,
+every cell an accuracy with its 95 % Wilson interval and trial count; the decode-cost table (mc_bench's
+JSON of the same run, when there is one) between `<!-- cost:start -->` and `<!-- cost:end -->`. --check
+exits with status 1 when the README's tables differ from the ones the JSONs give (e.g. after a hand edit).
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ from nanochat.common import UserError, get_base_dir, run_main
 from megacontext.eval.stats import fmt
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+COST_START, COST_END = "<!-- cost:start -->", "<!-- cost:end -->"
 # (title, where in the JSON, methods shown in order)
 ROWS = ["megacontext", "bm25", "bm25_truncate", "truncation", "oracle", "full", "session", "session_reopened"]
 TABLES = [("Passkey (raw text)", ("passkey",)), ("Multi-key with near-miss decoys (raw text)", ("needle",)),
@@ -62,17 +64,48 @@ def results_markdown(res):
     return "\n".join(lines).rstrip() + "\n"
 
 
-def replace_block(readme_text, block):
+def cost_markdown(bench, commit=None):
+    """The README block for one mc_bench result: decode ms/token against history length, MegaContext and
+    plain KV-cached decoding, and the side-by-side and refocus figures. commit: the run's, when the JSON has none."""
+    c = bench["config"]
+    hs = list(bench["decode_ms_per_token"])
+    cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"Measured by `python -m scripts.mc_bench` in the same run (commit `{c.get('commit') or commit or 'unknown'}`;"
+             f" {c['source']} model, depth {c['n_layer']}, budget {c['budget']} slots, {c['device']}, "
+             f"{c.get('torch_threads', '?')} threads). `-`: plain decoding not run at that length.", "",
+             "| decode, ms per token | " + " | ".join(f"{int(h):,} tokens" for h in hs) + " |",
+             "|---" * (len(hs) + 1) + "|",
+             "| MegaContext | " + " | ".join(cell(bench["decode_ms_per_token"][h]["megacontext"]) for h in hs) + " |",
+             "| plain KV cache over the whole history | "
+             + " | ".join(cell(bench["decode_ms_per_token"][h]["full_kv"]) for h in hs) + " |", ""]
+    v = bench.get("decode_vs_plain")
+    if v:
+        lines.append(f"Side by side at {int(v['history']):,} tokens ({v['rounds']} alternating rounds): MegaContext "
+                     f"{v['ratio_full_kv']:.2f}x plain KV decoding of the whole history and {v['ratio_window']:.2f}x "
+                     f"plain KV decoding of a {v['window_slots']}-token window; t({int(hs[-1]):,}) / t({int(hs[0]):,}) = "
+                     f"{bench['decode_ratio_last_first']:.2f}.")
+    for h, r in bench.get("refocus", {}).items():
+        lines.append(f"A refocus at {int(h):,} tokens: the incremental K/V sync recomputes {r['slots_mean']:.0f} of "
+                     f"{r['of']} slots, {r['speedup']:.2f}x faster than recomputing the window (max |logit "
+                     f"difference| {r['max_abs_logit_diff']:.0e}).")
+    lines.append(f"Ingest {bench['ingest_tok_per_s']:,.0f} tokens/s; the tree takes {bench['bytes_per_token']:.1f} "
+                 "bytes a token on disk.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_block(readme_text, block, start=START, end=END):
     """The README with the text between the markers replaced by `block`; UserError without the markers."""
-    a, b = readme_text.find(START), readme_text.find(END)
+    a, b = readme_text.find(start), readme_text.find(end)
     if a < 0 or b < a:
-        raise UserError(f"the README has no {START} ... {END} block to write the results into")
-    return readme_text[:a + len(START)] + "\n" + block + readme_text[b:]
+        raise UserError(f"the README has no {start} ... {end} block to write the results into")
+    return readme_text[:a + len(start)] + "\n" + block + readme_text[b:]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write README.md's results table from an mc_eval JSON.")
     p.add_argument("--json", default=None, help="mc_eval's JSON (default: $NANOCHAT_BASE_DIR/report/mc_eval.json)")
+    p.add_argument("--bench", default=None,
+                   help="mc_bench's JSON of the same run (default: report/mc_bench.json beside --json; skipped if absent)")
     p.add_argument("--readme", default=os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"))
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the README's table is stale")
     args = p.parse_args(argv)
@@ -85,6 +118,12 @@ def main(argv=None):
     with open(args.readme, encoding="utf-8") as f:
         old = f.read()
     new = replace_block(old, results_markdown(res))
+    bench_path = args.bench or os.path.join(os.path.dirname(path), "mc_bench.json")
+    if os.path.exists(bench_path):
+        with open(bench_path, encoding="utf-8") as f:
+            new = replace_block(new, cost_markdown(json.load(f), res["config"].get("commit")), COST_START, COST_END)
+    elif args.bench:
+        raise UserError(f"cannot read {bench_path}: run `python -m scripts.mc_bench` first")
     if args.check:
         if new != old:
             print(f"{args.readme}: the results table differs from {path}")

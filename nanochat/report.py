@@ -93,6 +93,12 @@ def get_git_info():
     return {"commit": commit, "branch": branch, "dirty": dirty, "message": message[:80]}
 
 
+def git_commit():
+    """The checkout's commit ('+dirty' when it has uncommitted changes): a README table cites the code it measured."""
+    git = get_git_info()
+    return git["commit"] + ("+dirty" if git.get("dirty") else "")
+
+
 def get_gpu_info():
     try:
         import torch

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, rss_mb, run_main
+from nanochat.report import git_commit
 
 
 def sync_device(device):
@@ -289,7 +290,7 @@ def main(argv=None):
                       "vocab": V, "budget": s.cfg.budget, "block_size": s.K, "max_level": s.cfg.max_level,
                       "positions": s.cfg.positions, "tau": s.cfg.tau, "decode_tokens": args.decode_tokens,
                       "rounds": args.rounds, "ratio_rounds": args.ratio_rounds, **info,
-                      "torch_threads": torch.get_num_threads()},
+                      "torch_threads": torch.get_num_threads(), "commit": git_commit()},
            "decode_ms_per_token": {}, "rss_mb": {}, "wc": {}}
     ingest_tok = ingest_s = 0.0
     print(f"device {device}, GPT depth {s.gpt.config.n_layer} width {s.gpt.config.n_embd}, budget {s.cfg.budget}, "

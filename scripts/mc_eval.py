@@ -69,6 +69,7 @@ import time
 import torch
 
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
+from nanochat.report import git_commit
 from megacontext.eval.baselines import ALL_METHODS, MC_METHODS, Models
 from megacontext.eval.harness import (CHAT_TASKS, RAW_TASKS, SESSION_METHODS, TASK_IDS, CachedTokenizer,
                                       position_verdict, run_exact_task, run_long_doc, val_texts)
@@ -133,13 +134,6 @@ def checkpoint_models(args, device):
 
 
 # -----------------------------------------------------------------------------
-
-def git_commit():
-    """The checkout's commit ('+dirty' when it has uncommitted changes): a README table cites the code it measured."""
-    from nanochat.report import get_git_info
-    git = get_git_info()
-    return git["commit"] + ("+dirty" if git.get("dirty") else "")
-
 
 def parse_list(s, typ, name):
     try:

@@ -37,3 +37,30 @@ def test_table_carries_the_commit_intervals_and_trials(tmp_path):
     main(args + ["--check"])  # now up to date: no exit
     with pytest.raises(UserError, match="results:start"):
         replace_block("no markers here", md)
+
+
+def bench():
+    return {"config": {"source": "sft", "n_layer": 2, "budget": 256, "device": "cpu", "torch_threads": 2},
+            "decode_ms_per_token": {"1000": {"megacontext": 1.4, "full_kv": 1.07},
+                                    "1000000": {"megacontext": 1.69, "full_kv": None}},
+            "decode_vs_plain": {"history": 1000, "rounds": 7, "ratio_full_kv": 1.36, "ratio_window": 1.54,
+                                "window_slots": 499},
+            "decode_ratio_last_first": 1.03, "ingest_tok_per_s": 63189.0, "bytes_per_token": 12.26,
+            "refocus": {"1000": {"slots_mean": 121.0, "of": 482, "speedup": 2.45, "max_abs_logit_diff": 2.2e-08}}}
+
+
+def test_cost_table_comes_from_the_same_runs_bench(tmp_path):
+    from dev.readme_results import COST_END, COST_START, END, START, cost_markdown, main
+    md = cost_markdown(bench(), "abc1234")
+    assert "commit `abc1234`" in md  # the bench JSON has none: the evaluation's
+    assert "| MegaContext | 1.40 | 1.69 |" in md and "| plain KV cache over the whole history | 1.07 | - |" in md
+    assert "1.36x plain KV" in md and "t(1,000,000) / t(1,000) = 1.03" in md and "121 of 482 slots" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n\n{COST_START}\nold\n{COST_END}\n")
+    (tmp_path / "mc_eval.json").write_text(json.dumps(result()))
+    (tmp_path / "mc_bench.json").write_text(json.dumps(bench()))
+    main(["--json", str(tmp_path / "mc_eval.json"), "--readme", str(readme)])  # the bench beside the JSON
+    text = readme.read_text()
+    assert md in text and "old" not in text
+    with pytest.raises(UserError, match="mc_bench"):
+        main(["--json", str(tmp_path / "mc_eval.json"), "--readme", str(readme), "--bench", str(tmp_path / "no.json")])
