@@ -64,7 +64,8 @@ python -m scripts.chat_eval -i sft -a offline -x 20 -m 48
 step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
   # 256 stretches: the gist substitutability's 90 % interval over 64 rows was 0.20-0.67 (dev/LOG.md, 2026-11-22, 'the eval's depths fix each needle's alignment')
-  python -m scripts.mc_eval --source sft --quick --multiples 1,4,16,64,256 --trials 20 --needle-trials 10 --docs 256 --doc-tokens 1088
+  # 0.5x: a history the GPT reads whole, so full attention (the model's own ceiling) has a cell on every task
+  python -m scripts.mc_eval --source sft --quick --multiples 0.5,1,4,16,64,256 --trials 20 --needle-trials 10 --docs 256 --doc-tokens 1088
   python -m scripts.mc_bench --source sft
 else
   python -m scripts.mc_eval --source sft --quick --baselines-only

@@ -84,7 +84,7 @@ METHODS = ALL_METHODS + SESSION_METHODS
 VIEWS = ("raw", "chat")
 QUICK = {"trials": 6, "needle_trials": 4, "multiples": "1,4,16", "depths": "0.1,0.5,0.9", "docs": 4}
 # >= 100 trials a cell: a 95 % interval at 100 % then reaches down to 96 %
-FULL = {"trials": 100, "needle_trials": None, "multiples": "1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9",
+FULL = {"trials": 100, "needle_trials": None, "multiples": "0.5,1,4,16,64,256", "depths": "0.1,0.3,0.5,0.7,0.9",
         "docs": 50}
 SECTION = "MegaContext evaluation"
 
@@ -135,6 +135,12 @@ def checkpoint_models(args, device):
 
 # -----------------------------------------------------------------------------
 
+def multiple(s):
+    """A history multiple: an int where it is whole (1, 4, ...), else a float (0.5: a history full attention fits)."""
+    v = float(s)
+    return int(v) if v.is_integer() else v
+
+
 def parse_list(s, typ, name):
     try:
         vals = [typ(x) for x in s.split(",") if x.strip()]
@@ -168,7 +174,9 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=None, help="passkey examples per history multiple (default 50)")
     p.add_argument("--needle-trials", type=int, default=None, help="multi-key / kv-recall examples per multiple "
                                                                    "(default: --trials)")
-    p.add_argument("--multiples", default=None, help="histories as multiples of the budget (default 1,4,16,64,256)")
+    p.add_argument("--multiples", default=None,
+                   help="histories as multiples of the budget (default 0.5,1,4,16,64,256; below 1, e.g. 0.5, a "
+                        "history the GPT reads whole: full attention's cell, the model's own ceiling)")
     p.add_argument("--depths", default=None, help="passkey needle depths (fractions; default 0.1,0.3,0.5,0.7,0.9), "
                                                   "or 'random': a uniform random depth per trial (no depth table). A "
                                                   "fixed depth puts every trial's needle at nearly the same token, "
@@ -197,7 +205,7 @@ def main(argv=None):
             setattr(args, k, v)
     if (args.source is None) == (not args.random_init):
         raise UserError("pass exactly one of --source {base,mid,sft} or --random-init")
-    multiples = sorted(set(parse_list(args.multiples, int, "multiples")))
+    multiples = sorted(set(parse_list(args.multiples, multiple, "multiples")))
     depths = None if args.depths == "random" else parse_list(args.depths, float, "depths")
     methods = parse_list(args.methods, str, "methods")
     tasks = parse_list(args.tasks, str, "tasks")
@@ -207,8 +215,8 @@ def main(argv=None):
     if bad:
         raise UserError(f"unknown method/task/view {bad}: methods are {METHODS}, tasks {tuple(TASK_IDS)}, "
                         f"views {VIEWS}")
-    if multiples[0] < 1 or not all(0 <= d <= 1 for d in depths or []) or args.trials < 1 or args.docs < 1:
-        raise UserError("--multiples must be >= 1, --depths in [0, 1] (or 'random'), --trials and --docs >= 1")
+    if multiples[0] <= 0 or not all(0 <= d <= 1 for d in depths or []) or args.trials < 1 or args.docs < 1:
+        raise UserError("--multiples must be > 0, --depths in [0, 1] (or 'random'), --trials and --docs >= 1")
     needle_trials = args.needle_trials or args.trials
     device = torch.device(args.device or autodetect_device_type())
     t_start = time.perf_counter()

@@ -276,6 +276,21 @@ def test_random_depths_vary_the_needle_alignment(tiny_base_env, tmp_path):
         main(["--random-init", "--depths", "0.5,1.5", "--out", str(tmp_path / "x.json")])
 
 
+def test_a_history_below_the_budget_gives_full_attention_its_cell(tiny_base_env, tmp_path):
+    """--multiples 0.5: a history the GPT reads whole, so `full` (the model's ceiling) is measured there, and only
+    there; whole multiples keep their keys and their examples."""
+    from megacontext.eval.harness import example_rng
+    from scripts.mc_eval import multiple
+    assert multiple("0.5") == 0.5 and multiple("4") == 4 and isinstance(multiple("4.0"), int)
+    draw = lambda m: example_rng(0, "passkey", m, 0).integers(1 << 30)  # noqa: E731
+    assert draw(0.5) != draw(0) and draw(4) == draw(4.0)
+    res = _run(tmp_path / "r.json", ["--tasks", "passkey", "--multiples", "0.5,16", "--methods", "truncation,full",
+                                     "--no-report"])
+    assert res["config"]["multiples"] == [0.5, 16] and set(res["passkey"]) == {"0.5", "16"}
+    assert res["passkey"]["0.5"]["full"] is not None and res["passkey"]["16"]["full"] is None
+    assert res["intervals"]["passkey"]["0.5"]["full"]["n"] == 4
+
+
 def test_validate_result_rejects_bad_shapes():
     from megacontext.eval.report import validate_result
     good = {"config": {}, "passkey": {"4": {"truncation": 0.5, "full": None}}, "needle": {}, "kv_recall": {},

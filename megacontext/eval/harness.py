@@ -70,8 +70,10 @@ def val_texts(max_chars):
 
 
 def example_rng(seed, task, multiple, trial, view="raw"):
-    """One generator per example: the same example whatever other flags (methods, trials) say."""
-    return np.random.default_rng([seed, TASK_IDS[task], int(multiple), int(trial), VIEW_IDS[view]])
+    """One generator per example: the same example whatever other flags (methods, trials) say. A fractional
+    multiple (a history shorter than the budget, where full attention fits) draws from its own seeds."""
+    m = int(multiple) if float(multiple).is_integer() else 1_000_000 + int(round(float(multiple) * 1000))
+    return np.random.default_rng([seed, TASK_IDS[task], m, int(trial), VIEW_IDS[view]])
 
 
 def make_example(task, filler, tok, rng, n_tokens, depth=None, view="raw", split="eval"):
@@ -196,7 +198,7 @@ def run_exact_task(task, models, methods, budget, multiples, trials, depths, fil
         for t in range(trials):
             depth = depths[t % len(depths)] if task == "passkey" and depths else None  # None: a random depth
             try:
-                ex, chat = make_example(task, filler, tok, example_rng(seed, task, mult, t, view), mult * budget,
+                ex, chat = make_example(task, filler, tok, example_rng(seed, task, mult, t, view), int(mult * budget),
                                         depth, view)
             except ValueError as e:  # the history cannot hold the needles (a tiny budget): the cell is null
                 if "too short" not in str(e):

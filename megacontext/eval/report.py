@@ -5,6 +5,7 @@ quality figures, the slot/gaussian verdict, where MegaContext loses), the summar
 """
 import math
 import os
+import re
 
 from megacontext.eval.quality import quality_markdown, quality_problems
 from megacontext.eval.stats import fmt
@@ -33,8 +34,8 @@ def validate_result(res):
             problems.append(f"{key!r} must be an object")
     for task in EXACT_TASKS:
         for mult, cell in (res.get(task) or {}).items():
-            if not mult.isdigit() or not isinstance(cell, dict):
-                problems.append(f"{task}[{mult!r}] must map a multiple (digits) to {{method: accuracy}}")
+            if not re.fullmatch(r"\d+(\.\d+)?", mult) or not isinstance(cell, dict):
+                problems.append(f"{task}[{mult!r}] must map a multiple (a number) to {{method: accuracy}}")
                 continue
             for m, v in cell.items():
                 if not number_or_null(v) or (v is not None and not 0 <= v <= 1):
