@@ -64,7 +64,7 @@ def test_multikey_question_names_the_asked_key_and_decoys_are_near_misses():
         assert len(asked) == 1
         asked = asked[0]
         needles = [tok.decode(ex.ids[a:b]) for a, b in ex.needle_spans]
-        assert f"{asked} key is{ex.answer}." in needles[0]
+        assert f"{asked} key" in needles[0] and re.search(rf"\b{ex.answer.strip()}\b", needles[0])
         assert len({re.search(r"[Tt]he (\w+) key", n).group(1) for n in needles}) == 4  # distinct colours
         for a, b in ex.decoy_spans:
             d = tok.decode(ex.ids[a:b])
