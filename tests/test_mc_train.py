@@ -218,7 +218,7 @@ def test_mixture_rows_label_the_answer(tiny_base_env):
             blk = b.blocks[r]
             assert sorted(blk) == list(range(min(blk), max(blk) + 1)) and max(blk) * K < s
             held = tok.decode(x[r, min(blk) * K:(max(blk) + 1) * K].tolist())
-            assert re.search(r"(key is|->) " + answer.strip(" ."), held), (held, answer)
+            assert re.search(r"(key|->)\D{0,20}" + answer.strip(" ."), held), (held, answer)  # label, connector, key
             first = tok.decode(x[r, blk[0] * K:(blk[0] + 1) * K].tolist())
             assert task != "passkey" or answer.strip(" .") in first
     for _ in range(6):  # the warm-up: 2-block histories here (B_h = 64 fits two raw blocks)

@@ -131,6 +131,15 @@ def check_preempted_run_resumes_exactly(module, args, base, stage_dir, n, stops)
 
 
 def test_graceful_stop_flags_then_lets_a_second_signal_through():
+    # Python's own Ctrl-C handler before the run, whatever an earlier test in this process left installed
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _graceful_stop_signals()
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _graceful_stop_signals():
     from nanochat.stopping import GracefulStop
     before = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:
