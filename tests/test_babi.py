@@ -9,17 +9,8 @@ from tasks.babi import MIN_FACTS, STORY_TASKS, Event, World, story_plan
 from tasks.chat_view import chat_example, chat_to_raw
 from tasks.longctx import PLANS, TASKS, has_word, make_plan, raw_example, score_reply
 from tasks.splits import BABI, SPLITS
-
-FILLER = ("The river ran past the old mill and the miller counted his sacks of grain before the winter came.\n\n"
-          "In the evening the lamps were lit and the children listened to stories of kings and distant lands. ")
-
-
-class CharTok:
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
+from test_chat_view import FILLER
+from test_longctx import CharTok
 
 
 def rng(seed):

@@ -6,17 +6,10 @@ import pytest
 from tasks.chat_view import chat_example, chat_to_raw, render_messages, turn_cost
 from tasks.longctx import PLANS, chat_memory, score_reply
 from tasks.splits import CHAT, SPLITS
+from test_longctx import CharTok
 
 FILLER = ("The river ran past the old mill and the miller counted his sacks of grain before the winter came.\n\n"
           "In the evening the lamps were lit and the children listened to stories of kings and distant lands. ")
-
-
-class CharTok:
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 @pytest.mark.parametrize("task", list(PLANS))

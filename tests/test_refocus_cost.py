@@ -13,24 +13,15 @@ from megacontext.config import MCConfig
 from megacontext.focus import carry_scores, shortlist
 from megacontext.gistnet import GistNet
 from megacontext.kvcache import full_logits
-from megacontext.lensnet import LensNet
 from megacontext.reranker import Reranker
 from megacontext.runtime import MCSession, RecentTokens
 from megacontext.tree import MCTree
 from megacontext.working_context import (BudgetError, WCError, WorkingContext, all_raw, append_tokens, check_invariants,
                                          recency_pyramid, wc_cost)
 from nanochat.gpt import GPT, config_from_depth
+from test_runtime import tiny_nets
 
 V = 64
-
-
-def randomise(module, scale=0.3):
-    """Non-trivial weights: nanochat zero-inits residual projections (and GistNet its head)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("c_proj.weight") or name == "head.weight" or name == "smear":
-                p.uniform_(-scale, scale)
-    return module
 
 
 def tiny_session(seed=0, memory_dir=None, **kw):
@@ -38,17 +29,9 @@ def tiny_session(seed=0, memory_dir=None, **kw):
                 rerank_k=4, rerank_dim=32, rerank_layers=1)
     base.update(kw)
     cfg = MCConfig(**base)
-    torch.manual_seed(seed)
-    gpt = GPT(config_from_depth(1, V, 128, aspect_ratio=32, head_dim=16))
-    gpt.init_weights()
-    randomise(gpt)
-    gistnet = randomise(GistNet(gpt.config.n_embd, cfg, gpt.config.n_head))
-    lensnet = randomise(LensNet(gpt.config.n_embd, cfg))
-    with torch.no_grad():
-        lensnet.key.weight.mul_(4.0)  # strong enough scores that LensNet asks for edits
+    gpt, gistnet, lensnet = tiny_nets(cfg, V, seed)
     reranker = Reranker(gpt.config.n_embd, cfg)
-    return MCSession(gpt.eval(), gistnet.eval(), lensnet.eval(), None, cfg, memory_dir=memory_dir, device="cpu",
-                     reranker=reranker.eval())
+    return MCSession(gpt, gistnet, lensnet, None, cfg, memory_dir=memory_dir, device="cpu", reranker=reranker.eval())
 
 
 def assert_exact(s):

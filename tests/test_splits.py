@@ -7,17 +7,10 @@ import pytest
 from tasks.chat_view import chat_example
 from tasks.longctx import PLANS, has_word, random_key, raw_example
 from tasks.splits import BABI, CHAT, SPLITS, inventory, key_split
+from test_longctx import CharTok
 
 FILLER = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. Sed do eiusmod tempor incididunt ut labore. " * 4
 OTHER = {"train": "eval", "eval": "train"}
-
-
-class CharTok:
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def template_regex(t):

@@ -75,13 +75,7 @@ async def chat_completions(request: Request):
         raise not_found(f"the model {req.model!r} does not exist; this server serves {server.model_name!r}",
                         "model_not_found")
     run = server.scheduler.start(partial(work, server, req))
-    try:
-        first = await anext(run)
-    except BaseException:
-        run.cancel()
-        raise
-    if first[0] == "error":
-        raise first[1]
+    await run.started()
     base = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": server.model_name}
     if not req.stream:
         return await collect(run, base, req)

@@ -183,13 +183,7 @@ async def upload_document(cid: str, request: Request):
     cid = _existing(server, cid)
     text, name = await read_document(request, server.limits)
     run = server.scheduler.start(partial(document_work, server, cid, text, name))
-    try:
-        first = await anext(run)
-    except BaseException:
-        run.cancel()
-        raise
-    if first[0] == "error":
-        raise first[1]
+    await run.started()
 
     async def stream():
         try:

@@ -91,6 +91,18 @@ class Run:
     def cancel(self):
         self.cancelled.set()
 
+    async def started(self):
+        """Wait for the work's first event ("ready": it passed its checks and holds what it needs) and return it;
+        an error before that is raised here, so the route answers it as an HTTP error, not inside a stream."""
+        try:
+            first = await anext(self)
+        except BaseException:
+            self.cancel()
+            raise
+        if first[0] == "error":
+            raise first[1]
+        return first
+
     def __aiter__(self):
         return self
 
