@@ -168,9 +168,10 @@ def chat_memory_plan(rng, split="train", n_decoys=2, kind=None):
         raise ValueError(f"n_decoys must be in 0..{min(len(s['owners']), len(f.values) - 1)}, got {n_decoys}")
     vals = [f.values[i] for i in rng.choice(len(f.values), 1 + n_decoys, replace=False)]
     owners = [s["owners"][i] for i in rng.choice(len(s["owners"]), n_decoys, replace=False)]
-    fact = s["lead_in"].format(s=f.state.format(v=vals[0]))
-    decoys = [s["decoy_lead_in"].format(s=f.decoy.format(owner=o, v=v)) for o, v in zip(owners, vals[1:])]
-    return Plan("chat_memory", split, [], [], "", vals[0], [fact], decoys, f.ask, f.reply.format(v=vals[0]),
+    w = _pick(rng, f.wordings)
+    fact = _pick(rng, s["lead_ins"]).format(s=w.state.format(v=vals[0]))
+    decoys = [_pick(rng, s["decoy_lead_ins"]).format(s=w.decoy.format(owner=o, v=v)) for o, v in zip(owners, vals[1:])]
+    return Plan("chat_memory", split, [], [], "", vals[0], [fact], decoys, w.ask, w.reply.format(v=vals[0]),
                 list(f.values), depths=[float(rng.uniform(0, 0.2))] + [None] * n_decoys, chat_only=True)
 
 

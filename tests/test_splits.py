@@ -6,7 +6,7 @@ import pytest
 
 from tasks.chat_view import chat_example
 from tasks.longctx import PLANS, has_word, random_key, raw_example
-from tasks.splits import BABI, CHAT, SPLITS, inventory, key_split
+from tasks.splits import BABI, CHAT, MEMORY, SPLITS, inventory, key_split
 from test_longctx import CharTok
 
 FILLER = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. Sed do eiusmod tempor incididunt ut labore. " * 4
@@ -97,3 +97,14 @@ def test_examples_hold_only_their_own_half(split):
             for t in pieces:
                 assert foreign(t, split) == [], (task, t)
             assert all(key_split(v) == split if v.isdigit() else v in own for v in ex.plan.values)  # keys, places
+
+
+def test_memory_wordings_name_no_value_of_their_kind():
+    """A wording that contains one of its kind's values ("I park on ..." with the street "Park") would make the
+    strict scorer fail the right reply."""
+    for split in SPLITS:
+        for kind, fact in MEMORY[split]["facts"].items():
+            for w in fact.wordings:
+                for t in w:
+                    assert not [v for v in fact.values if has_word(t, v)], (split, kind, t)
+                assert w.ask.endswith("?") and "{v}" in w.state and "{v}" in w.reply and "{owner}" in w.decoy
