@@ -9,7 +9,7 @@ the decoy or listing every colour fails.
 from tasks.arithmetic import make_problem
 from tasks.common import GeneratedTask, example_rng
 from tasks.longctx import has_word as _has_word
-from tasks.splits import CHAT, MEMORY
+from tasks.splits import CHAT, MEMORY, OPEN_VALUE_SHARE, open_values
 
 class Memory(GeneratedTask):
     """`filler_turns` = (min, max) user/assistant exchanges between the fact and the question.
@@ -39,6 +39,8 @@ class Memory(GeneratedTask):
         fact = half["facts"][kind]
         w = rng.choice(fact.wordings)  # how this user states and asks it
         values = fact.values
+        if self.half == "train" and rng.random() < OPEN_VALUE_SHARE:  # made-up values: copied, not recalled
+            values = open_values(kind, rng.randrange(2**31), 2)
         value = rng.choice(values)
         turns = [(rng.choice(half["lead_ins"]).format(s=w.state.format(v=value)), rng.choice(chat["acks"]))]
         # a same-kind fact about someone else, placed anywhere in the filler: the near-miss to avoid
@@ -60,7 +62,8 @@ class Memory(GeneratedTask):
 
     def evaluate(self, conversation, completion):
         """Right value named, and no other value of the same kind (the decoy included)."""
-        values = MEMORY[self.half]["facts"][conversation["kind"]].values
+        decoy = conversation.get("decoy")  # a made-up value (training half) is in no list
+        values = MEMORY[self.half]["facts"][conversation["kind"]].values + ([decoy] if decoy else [])
         answer = conversation["answer"]
         if not _has_word(completion, answer):
             return False

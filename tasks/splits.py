@@ -23,6 +23,8 @@ and not format; disjoint values by digit-sum parity: a train key's digits sum to
 key's to an odd one. Parity belongs to the whole key: no digit, position or token (keys are tokenized two
 digits at a time) tells the halves apart, and each half is exactly half of 00000-99999.
 """
+import functools
+import random
 from collections import namedtuple
 
 SPLITS = ("train", "eval")
@@ -305,6 +307,38 @@ MEMORY = {
         "decoy_lead_ins": ["One more thing, {s}."],
     },
 }
+
+# Half of the training facts take open values instead of their kind's list: made-up words (numbers: any of
+# 1-999), new in nearly every example. With ten values a kind the GPT learned each kind's list and answered a
+# question in new wording with a value from it ("You were born in Oslo."); a value it has never seen can only be
+# copied from where the user said it, which is what the evaluation's unseen values need.
+OPEN_VALUE_SHARE = 0.5
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+@functools.cache
+def _eval_names():
+    return frozenset(v.lower() for v in inventory("eval")["names"])
+
+
+def open_values(kind, seed, n):
+    """n distinct made-up values for a training fact of this kind (a pure function of seed): numbers for
+    "number", else words of 2-3 syllables, capitalised where the kind's own values are. None is a name or value
+    of the evaluation half."""
+    r = random.Random(seed)
+    held = _eval_names()
+    capital = MEMORY["train"]["facts"][kind].values[0][:1].isupper()
+    out = []
+    while len(out) < n:
+        if kind == "number":
+            v = str(r.randint(1, 999))
+        else:
+            v = "".join(r.choice(_SYLLABLES) for _ in range(r.randint(2, 3)))
+            v = v.capitalize() if capital else v
+        if v.lower() not in held and v not in out:
+            out.append(v)
+    return out
+
 
 # --------------------------------------------------------------------------- chat filler
 CHAT = {
