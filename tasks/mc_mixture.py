@@ -17,9 +17,9 @@ rows): the needle recipe (megacontext/training/needle.py) opens these blocks and
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py),
 chat_passkey, chat_multikey, chat_kv_recall (the same asked in a conversation, tasks/chat_view.py), chat_memory
 (a fact the user stated early, with decoys), longchat (tasks/memory.py conversations with many filler turns; the question is the last user
-turn) and text (corpus text continued after the history: plain LM through the MC objective). Optional, in no
-default list: qa1, qa2, qa3 (bAbI-style stories, tasks/babi.py; the blocks of every supporting fact, the
-answering one's first).
+turn) and text (corpus text continued after the history: plain LM through the MC objective). Optional:
+qa1, qa2, qa3 and chat_qa1, chat_qa2, chat_qa3 (bAbI-style stories, tasks/babi.py, raw and in a conversation;
+the blocks of every supporting fact, the answering one's first).
 The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
 every repeated token labelled) and short pass keys. Answer-only rows carry ~5 labelled tokens each,
 too little signal for a small GPT to form its copying (induction) heads; 64 labelled copy tokens a row
@@ -33,8 +33,8 @@ from tasks.longctx import STORY_TASKS, key_span, kv_recall, multikey, passkey, r
 
 TASKS = ("passkey", "multikey", "kv_recall", "chat_passkey", "chat_multikey", "chat_kv_recall", "chat_memory",
          "longchat", "text")
-# bAbI-style stories (tasks/babi.py), raw: available by name (tasks=..., --mc-mix-tasks) but in no default list
-OPTIONAL_TASKS = STORY_TASKS
+# bAbI-style stories (tasks/babi.py), raw and in chat: available by name (tasks=..., --mc-mix-tasks)
+OPTIONAL_TASKS = STORY_TASKS + tuple(f"chat_{t}" for t in STORY_TASKS)
 STORY_FACTS = 30  # the longest story a row draws (a few dozen facts), when the history has room for it
 TEXT_TARGET = 64  # "text" rows: labelled continuation tokens after the history
 
@@ -206,7 +206,11 @@ class MCMixture:
         ids = pad + list(ex.ids)
         (ka, kb), needle = ex.key_spans[0], ex.needle_spans[0]
         answer = (ex.answer_span[0] + n, ex.answer_span[1] + n)
-        return ids, answer, needle_blocks((ka + n, kb + n), (needle[0] + n, needle[1] + n), self.K)
+        blocks = needle_blocks((ka + n, kb + n), (needle[0] + n, needle[1] + n), self.K)
+        if task in STORY_TASKS:  # the answer needs every supporting fact raw, not just the answering one
+            for a, b in ex.needle_spans[1:]:
+                blocks += [j for j in range((a + n) // self.K, (b + n - 1) // self.K + 1) if j not in blocks]
+        return ids, answer, blocks
 
     def _text_row(self, s, rng):
         """Plain language modelling across the history: s tokens of corpus text, then the next TEXT_TARGET

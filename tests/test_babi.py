@@ -260,3 +260,30 @@ def test_midtraining_rows_label_the_answer_and_open_the_supporting_blocks(tiny_b
             assert re.fullmatch(r" \w+\.", tok.decode(batch.y[row][lab[row]].tolist()))
             assert batch.blocks[row] and not lab[row, :batch.s].any()
 
+
+
+def test_chat_story_rows_open_every_supporting_fact(tiny_base_env, monkeypatch):
+    """chat_qa*: the story told in a conversation; the needle recipe must open every supporting fact's blocks."""
+    import tasks.chat_view as cv
+    import tasks.mc_mixture as mcm
+    from megacontext.config import MCConfig
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    cfg = MCConfig(budget=64, tail_tokens=32, train_min_target=32, max_level=2)
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append(chat_to_raw(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(cv, "chat_to_raw", spy)
+    mix = mcm.MCMixture(tok, cfg, mcm.load_filler(), multiples=(16,), tasks=("chat_qa2", "chat_qa3"))
+    K, r, s = cfg.block_size, rng(1), mix.history_len(16)
+    for task in ("chat_qa2", "chat_qa3"):
+        ids, (a, b), blocks = mix._row(task, s, r)
+        ex = made[-1]
+        n = len(ids) - len(ex.ids)  # the corpus text padded in front
+        assert ex.plan.task == task.removeprefix("chat_") and len(ex.needle_spans) >= MIN_FACTS[ex.plan.task]
+        assert ex.plan.answer in tok.decode(ids[a:b]) and max(blocks) * K < s
+        for n0, n1 in ex.needle_spans:
+            assert set(range((n0 + n) // K, (n1 + n - 1) // K + 1)) <= set(blocks)
