@@ -42,8 +42,8 @@ from functools import partial
 
 import numpy as np
 
-from tasks.splits import (KV, KV_REPLY, MEMORY, MULTIKEY, MULTIKEY_REPLY, OPEN_VALUE_SHARE, PASSKEY, PASSKEY_REPLY,
-                          check_split, key_parity, open_values)
+from tasks.splits import (KV, KV_REPLY, MEMORY, MULTIKEY, MULTIKEY_REPLY, PASSKEY, PASSKEY_REPLY, check_split,
+                          key_parity)
 
 ANSWER_END = "."  # ends every answer, as the needles end their keys
 KEY_PATTERN = r"\d{5}"  # the kind of every key: a reply naming another 5-digit number is wrong
@@ -166,17 +166,12 @@ def chat_memory_plan(rng, split="train", n_decoys=2, kind=None):
     f = s["facts"][kind]
     if not 0 <= n_decoys <= min(len(s["owners"]), len(f.values) - 1):
         raise ValueError(f"n_decoys must be in 0..{min(len(s['owners']), len(f.values) - 1)}, got {n_decoys}")
-    if split == "train" and rng.random() < OPEN_VALUE_SHARE:  # made-up values: copied, not recalled
-        vals = open_values(kind, int(rng.integers(2**31)), 1 + n_decoys)
-    else:
-        vals = [f.values[i] for i in rng.choice(len(f.values), 1 + n_decoys, replace=False)]
+    vals = [f.values[i] for i in rng.choice(len(f.values), 1 + n_decoys, replace=False)]
     owners = [s["owners"][i] for i in rng.choice(len(s["owners"]), n_decoys, replace=False)]
-    w = _pick(rng, f.wordings)
-    fact = _pick(rng, s["lead_ins"]).format(s=w.state.format(v=vals[0]))
-    decoys = [_pick(rng, s["decoy_lead_ins"]).format(s=w.decoy.format(owner=o, v=v)) for o, v in zip(owners, vals[1:])]
-    values = list(dict.fromkeys(list(f.values) + vals))  # every value in play: made-up ones are in no list
-    return Plan("chat_memory", split, [], [], "", vals[0], [fact], decoys, w.ask, w.reply.format(v=vals[0]), values,
-                depths=[float(rng.uniform(0, 0.2))] + [None] * n_decoys, chat_only=True)
+    fact = s["lead_in"].format(s=f.state.format(v=vals[0]))
+    decoys = [s["decoy_lead_in"].format(s=f.decoy.format(owner=o, v=v)) for o, v in zip(owners, vals[1:])]
+    return Plan("chat_memory", split, [], [], "", vals[0], [fact], decoys, f.ask, f.reply.format(v=vals[0]),
+                list(f.values), depths=[float(rng.uniform(0, 0.2))] + [None] * n_decoys, chat_only=True)
 
 
 def _story_plan(task):

@@ -9,7 +9,14 @@ the decoy or listing every colour fails.
 from tasks.arithmetic import make_problem
 from tasks.common import GeneratedTask, example_rng
 from tasks.longctx import has_word as _has_word
-from tasks.splits import CHAT, MEMORY, OPEN_VALUE_SHARE, open_values
+from tasks.splits import CHAT, MEMORY
+
+# the training half (tasks/splits.py), kind -> (how the user states it, how the user asks, the values)
+FACTS = {kind: (f.state, f.ask, f.values) for kind, f in MEMORY["train"]["facts"].items()}
+_DECOY_OWNERS = MEMORY["train"]["owners"]
+_ACKS = CHAT["train"]["acks"]
+_SMALL_TALK = CHAT["train"]["small_talk"]
+
 
 class Memory(GeneratedTask):
     """`filler_turns` = (min, max) user/assistant exchanges between the fact and the question.
@@ -37,12 +44,9 @@ class Memory(GeneratedTask):
         half, chat = MEMORY[self.half], CHAT[self.half]
         kind = rng.choice(sorted(half["facts"]))
         fact = half["facts"][kind]
-        w = rng.choice(fact.wordings)  # how this user states and asks it
         values = fact.values
-        if self.half == "train" and rng.random() < OPEN_VALUE_SHARE:  # made-up values: copied, not recalled
-            values = open_values(kind, rng.randrange(2**31), 2)
         value = rng.choice(values)
-        turns = [(rng.choice(half["lead_ins"]).format(s=w.state.format(v=value)), rng.choice(chat["acks"]))]
+        turns = [(half["lead_in"].format(s=fact.state.format(v=value)), rng.choice(chat["acks"]))]
         # a same-kind fact about someone else, placed anywhere in the filler: the near-miss to avoid
         n_filler = rng.randint(*self.filler_turns)
         filler = [self._filler(rng) for _ in range(n_filler)]
@@ -50,20 +54,19 @@ class Memory(GeneratedTask):
         if rng.random() < self.decoy_prob:
             decoy = rng.choice([v for v in values if v != value])
             owner = rng.choice(half["owners"])
-            stmt = rng.choice(half["decoy_lead_ins"]).format(s=w.decoy.format(owner=owner, v=decoy))
+            stmt = half["decoy_lead_in"].format(s=fact.decoy.format(owner=owner, v=decoy))
             filler.insert(rng.randint(0, len(filler)), (stmt, rng.choice(chat["acks"])))
         turns += filler
         messages = []
         for u, a in turns:
             messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-        messages += [{"role": "user", "content": w.ask},
-                     {"role": "assistant", "content": w.reply.format(v=value)}]
+        messages += [{"role": "user", "content": fact.ask},
+                     {"role": "assistant", "content": fact.reply.format(v=value)}]
         return {"messages": messages, "kind": kind, "answer": value, "decoy": decoy}
 
     def evaluate(self, conversation, completion):
         """Right value named, and no other value of the same kind (the decoy included)."""
-        decoy = conversation.get("decoy")  # a made-up value (training half) is in no list
-        values = MEMORY[self.half]["facts"][conversation["kind"]].values + ([decoy] if decoy else [])
+        values = MEMORY[self.half]["facts"][conversation["kind"]].values
         answer = conversation["answer"]
         if not _has_word(completion, answer):
             return False

@@ -23,8 +23,6 @@ and not format; disjoint values by digit-sum parity: a train key's digits sum to
 key's to an odd one. Parity belongs to the whole key: no digit, position or token (keys are tokenized two
 digits at a time) tells the halves apart, and each half is exactly half of 00000-99999.
 """
-import functools
-import random
 from collections import namedtuple
 
 SPLITS = ("train", "eval")
@@ -140,205 +138,86 @@ KV = {
 KV_REPLY = "{k} -> {v}."
 
 # --------------------------------------------------------------------------- chat memory
-# A kind of fact has its values and one or more wordings. A wording is how the user states it (state), the same
-# kind of fact about {owner} (decoy), the question (ask) and the answer (reply); its question shares words with
-# its statement, as a person's question does. Training has four wordings a kind in several sentence shapes
-# ("my X is", "I <verb> ...", "the X I <verb> is"), so the model learns to find the statement the question points
-# at rather than one fixed question per kind; the evaluation's wordings are none of them.
-Wording = namedtuple("Wording", "state decoy ask reply")
-Fact = namedtuple("Fact", "wordings values")
-
-
-def _fact(values, *wordings):
-    return Fact([Wording(*w) for w in wordings], values)
-
-
+# state: how the user says it; decoy: the same kind of fact about {owner}; ask: the question; reply: the answer
+Fact = namedtuple("Fact", "state decoy ask reply values")
 MEMORY = {
     "train": {
         "facts": {
-            "colour": _fact(
-                ["red", "blue", "green", "yellow", "purple", "orange", "teal", "pink", "black", "white"],
-                ("my favourite colour is {v}", "{owner} favourite colour is {v}", "What was my favourite colour?",
-                 "Your favourite colour is {v}."),
-                ("the colour I wear most often is {v}", "{owner} usual colour is {v}",
-                 "Which colour do I wear most often?", "You wear {v} most often."),
-                ("I painted my bedroom {v}", "{owner} bedroom is painted {v}", "What colour did I paint my bedroom?",
-                 "You painted your bedroom {v}."),
-                ("my umbrella is {v}", "{owner} umbrella is {v}", "What colour is my umbrella?",
-                 "Your umbrella is {v}.")),
-            "pet": _fact(
-                ["Rex", "Biscuit", "Luna", "Pepper", "Milo", "Daisy", "Otto", "Ziggy", "Nala", "Bruno"],
-                ("my dog's name is {v}", "{owner} dog's name is {v}", "What is my dog called?",
-                 "Your dog is called {v}."),
-                ("I named my puppy {v}", "{owner} puppy is named {v}", "What did I name my puppy?",
-                 "You named your puppy {v}."),
-                ("my parrot answers to {v}", "{owner} parrot answers to {v}", "What does my parrot answer to?",
-                 "Your parrot answers to {v}."),
-                ("the hamster we keep is {v}", "{owner} hamster is {v}", "Which hamster do we keep?",
-                 "You keep a hamster called {v}.")),
-            "city": _fact(
-                ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Dublin", "Quito", "Perth", "Denver", "Madrid"],
-                ("I was born in {v}", "{owner} home town is {v}", "Which city was I born in?",
-                 "You were born in {v}."),
-                ("I moved to {v} last year", "{owner} new home is in {v}", "Which city did I move to last year?",
-                 "You moved to {v} last year."),
-                ("my office is in {v}", "{owner} office is in {v}", "In which city is my office?",
-                 "Your office is in {v}."),
-                ("the city I studied in was {v}", "{owner} university was in {v}", "Which city did I study in?",
-                 "You studied in {v}.")),
-            "number": _fact(
-                ["7", "13", "21", "42", "58", "64", "77", "88", "93", "101", "5", "9", "14", "23", "31", "38", "47",
-                 "56", "61", "73", "79", "86", "90", "99", "250", "365", "512", "777"],
-                ("my lucky number is {v}", "{owner} lucky number is {v}", "What is my lucky number?",
-                 "Your lucky number is {v}."),
-                ("my apartment number is {v}", "{owner} apartment number is {v}", "What is my apartment number?",
-                 "Your apartment number is {v}."),
-                ("I wear number {v} on my team shirt", "{owner} shirt number is {v}",
-                 "Which number is on my team shirt?", "Your team shirt has number {v}."),
-                ("the locker I use is number {v}", "{owner} locker is number {v}", "Which locker do I use?",
-                 "You use locker number {v}.")),
-            "food": _fact(
-                ["pizza", "sushi", "tacos", "curry", "pasta", "ramen", "falafel", "paella", "dumplings", "pancakes"],
-                ("my favourite food is {v}", "{owner} favourite food is {v}", "What's my favourite food?",
-                 "Your favourite food is {v}."),
-                ("I could eat {v} every day", "{owner} everyday meal is {v}", "What could I eat every day?",
-                 "You could eat {v} every day."),
-                ("my birthday dinner is always {v}", "{owner} birthday dinner is {v}",
-                 "What is my birthday dinner?", "Your birthday dinner is always {v}."),
-                ("the meal I cook best is {v}", "{owner} best meal is {v}", "Which meal do I cook best?",
-                 "You cook {v} best.")),
-            "car": _fact(
-                ["Volvo", "Honda", "Ford", "Fiat", "Subaru", "Mazda", "Kia", "Jeep", "Audi", "Tesla"],
-                ("I drive a {v}", "{owner} car is a {v}", "What car do I drive?", "You drive a {v}."),
-                ("my first car was a {v}", "{owner} first car was a {v}", "What was my first car?",
-                 "Your first car was a {v}."),
-                ("I just bought a {v}", "{owner} new car is a {v}", "Which car did I just buy?",
-                 "You just bought a {v}."),
-                ("the car I rent on trips is a {v}", "{owner} rental is a {v}", "Which car do I rent on trips?",
-                 "You rent a {v} on trips.")),
-            "sport": _fact(
-                ["tennis", "soccer", "rugby", "cricket", "hockey", "golf", "boxing", "rowing", "fencing", "skiing"],
-                ("my favourite sport is {v}", "{owner} favourite sport is {v}", "What is my favourite sport?",
-                 "Your favourite sport is {v}."),
-                ("I coach {v} on weekends", "{owner} weekend sport is {v}", "Which sport do I coach on weekends?",
-                 "You coach {v} on weekends."),
-                ("I watch {v} every Sunday", "{owner} Sunday sport is {v}", "What do I watch every Sunday?",
-                 "You watch {v} every Sunday."),
-                ("the sport I played at school was {v}", "{owner} school sport was {v}",
-                 "Which sport did I play at school?", "You played {v} at school.")),
-            "instrument": _fact(
-                ["piano", "violin", "cello", "flute", "drums", "ukulele", "trumpet", "harp", "oboe", "banjo"],
-                ("I play the {v}", "{owner} instrument is the {v}", "Which instrument do I play?",
-                 "You play the {v}."),
-                ("I'm learning the {v}", "{owner} lessons are for the {v}", "Which instrument am I learning?",
-                 "You are learning the {v}."),
-                ("my grandfather gave me a {v}", "{owner} gift was a {v}", "What did my grandfather give me?",
-                 "Your grandfather gave you a {v}."),
-                ("the instrument I practise daily is the {v}", "{owner} daily instrument is the {v}",
-                 "Which instrument do I practise daily?", "You practise the {v} daily.")),
-            "job": _fact(
-                ["nurse", "baker", "pilot", "plumber", "lawyer", "teacher", "chef", "farmer", "dentist", "painter"],
-                ("I work as a {v}", "{owner} job is {v}", "What is my job?", "You work as a {v}."),
-                ("I trained as a {v}", "{owner} training was as a {v}", "What did I train as?",
-                 "You trained as a {v}."),
-                ("my first job was as a {v}", "{owner} first job was as a {v}", "What was my first job?",
-                 "Your first job was as a {v}."),
-                ("the job I dream of is {v}", "{owner} dream job is {v}", "Which job do I dream of?",
-                 "You dream of working as a {v}.")),
-            "drink": _fact(
-                ["coffee", "tea", "lemonade", "cocoa", "milk", "cider", "juice", "soda", "espresso", "kombucha"],
-                ("my favourite drink is {v}", "{owner} favourite drink is {v}", "What's my favourite drink?",
-                 "Your favourite drink is {v}."),
-                ("I order {v} at every cafe", "{owner} usual order is {v}", "What do I order at every cafe?",
-                 "You order {v} at every cafe."),
-                ("my morning drink is {v}", "{owner} morning drink is {v}", "What is my morning drink?",
-                 "Your morning drink is {v}."),
-                ("the drink I make best is {v}", "{owner} best drink is {v}", "Which drink do I make best?",
-                 "You make {v} best.")),
-            "street": _fact(
-                ["Elm", "Oak", "Pine", "Birch", "Main", "High", "Mill", "Church", "Park", "Bridge"],
-                ("I live on {v} Street", "{owner} house is on {v} Street", "Which street do I live on?",
-                 "You live on {v} Street."),
-                ("my school was on {v} Street", "{owner} school was on {v} Street", "Which street was my school on?",
-                 "Your school was on {v} Street."),
-                ("I leave my bike on {v} Street", "{owner} bike stays on {v} Street",
-                 "Which street do I leave my bike on?", "You leave your bike on {v} Street."),
-                ("the bakery I go to is on {v} Street", "{owner} bakery is on {v} Street",
-                 "Which street is the bakery I go to on?", "The bakery you go to is on {v} Street.")),
-            "sibling": _fact(
-                ["Tobias", "Samir", "Benedikt", "Maxim", "Leopold", "Jacques", "Noam", "Lior", "Owain", "Elias"],
-                ("my brother is called {v}", "{owner} brother is called {v}", "What is my brother's name?",
-                 "Your brother is called {v}."),
-                ("my best friend is called {v}", "{owner} best friend is called {v}",
-                 "What is my best friend's name?", "Your best friend is called {v}."),
-                ("I share a flat with {v}", "{owner} flatmate is {v}", "Who do I share a flat with?",
-                 "You share a flat with {v}."),
-                ("my son is named {v}", "{owner} son is named {v}", "What is my son's name?",
-                 "Your son is named {v}.")),
+            "colour": Fact("my favourite colour is {v}", "{owner} favourite colour is {v}",
+                           "What was my favourite colour?", "Your favourite colour is {v}.",
+                           ["red", "blue", "green", "yellow", "purple", "orange", "teal", "pink", "black", "white"]),
+            "pet": Fact("my dog's name is {v}", "{owner} dog's name is {v}", "What is my dog called?",
+                        "Your dog is called {v}.",
+                        ["Rex", "Biscuit", "Luna", "Pepper", "Milo", "Daisy", "Otto", "Ziggy", "Nala", "Bruno"]),
+            "city": Fact("I was born in {v}", "{owner} home town is {v}", "Which city was I born in?",
+                         "You were born in {v}.",
+                         ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Dublin", "Quito", "Perth", "Denver", "Madrid"]),
+            "number": Fact("my lucky number is {v}", "{owner} lucky number is {v}", "What is my lucky number?",
+                           "Your lucky number is {v}.",
+                           ["7", "13", "21", "42", "58", "64", "77", "88", "93", "101", "5", "9", "14", "23", "31",
+                            "38", "47", "56", "61", "73", "79", "86", "90", "99", "250", "365", "512", "777"]),
+            "food": Fact("my favourite food is {v}", "{owner} favourite food is {v}", "What's my favourite food?",
+                         "Your favourite food is {v}.",
+                         ["pizza", "sushi", "tacos", "curry", "pasta", "ramen", "falafel", "paella", "dumplings",
+                          "pancakes"]),
+            # more kinds than the evaluation asks about, so that a model learns to copy what was stated
+            # rather than to pick among a few memorised values
+            "car": Fact("I drive a {v}", "{owner} car is a {v}", "What car do I drive?", "You drive a {v}.",
+                        ["Volvo", "Honda", "Ford", "Fiat", "Subaru", "Mazda", "Kia", "Jeep", "Audi", "Tesla"]),
+            "sport": Fact("my favourite sport is {v}", "{owner} favourite sport is {v}", "What is my favourite sport?",
+                          "Your favourite sport is {v}.",
+                          ["tennis", "soccer", "rugby", "cricket", "hockey", "golf", "boxing", "rowing", "fencing",
+                           "skiing"]),
+            "instrument": Fact("I play the {v}", "{owner} instrument is the {v}", "Which instrument do I play?",
+                               "You play the {v}.",
+                               ["piano", "violin", "cello", "flute", "drums", "ukulele", "trumpet", "harp", "oboe",
+                                "banjo"]),
+            "job": Fact("I work as a {v}", "{owner} job is {v}", "What is my job?", "You work as a {v}.",
+                        ["nurse", "baker", "pilot", "plumber", "lawyer", "teacher", "chef", "farmer", "dentist",
+                         "painter"]),
+            "drink": Fact("my favourite drink is {v}", "{owner} favourite drink is {v}", "What's my favourite drink?",
+                          "Your favourite drink is {v}.",
+                          ["coffee", "tea", "lemonade", "cocoa", "milk", "cider", "juice", "soda", "espresso",
+                           "kombucha"]),
+            "street": Fact("I live on {v} Street", "{owner} house is on {v} Street", "Which street do I live on?",
+                           "You live on {v} Street.",
+                           ["Elm", "Oak", "Pine", "Birch", "Main", "High", "Mill", "Church", "Park", "Bridge"]),
+            "sibling": Fact("my brother is called {v}", "{owner} brother is called {v}", "What is my brother's name?",
+                            "Your brother is called {v}.",
+                            ["Tobias", "Samir", "Benedikt", "Maxim", "Leopold", "Jacques", "Noam", "Lior", "Owain",
+                             "Elias"]),
         },
         "owners": ["my sister's", "my friend's", "my boss's", "my neighbour's"],
-        "lead_ins": ["By the way, {s}.", "Remember this: {s}.", "Something about me: {s}.", "FYI, {s}."],
-        "decoy_lead_ins": ["Also, {s}.", "And {s}.", "Plus, {s}."],
+        "lead_in": "By the way, {s}.",       # the asked fact
+        "decoy_lead_in": "Also, {s}.",       # a decoy
     },
     "eval": {
         "facts": {
-            "colour": _fact(["indigo", "crimson", "magenta", "turquoise", "lavender", "scarlet", "silver", "bronze",
-                             "ochre", "emerald"],
-                            ("the shade I like best is {v}", "{owner} preferred shade is {v}",
-                             "Which shade do I like best?", "The shade you like best is {v}.")),
-            "pet": _fact(["Whiskers", "Mochi", "Jasper", "Clover", "Pixel", "Saffron", "Tofu", "Nugget", "Sprout",
-                          "Gizmo"],
-                         ("my cat is called {v}", "{owner} cat is called {v}", "What's the name of my cat?",
-                          "Your cat is called {v}.")),
-            "city": _fact(["Kyoto", "Lisbon", "Nairobi", "Hanoi", "Bergen", "Cusco", "Tbilisi", "Adelaide", "Montreal",
-                           "Seville"],
-                          ("I grew up in {v}", "{owner} family comes from {v}", "Where did I grow up?",
-                           "You grew up in {v}.")),
-            "number": _fact(["3", "11", "17", "29", "36", "45", "52", "69", "84", "97"],
-                            ("the number I always bet on is {v}", "{owner} betting number is {v}",
-                             "Which number do I always bet on?", "You always bet on {v}.")),
-            "food": _fact(["lasagna", "risotto", "burritos", "kimchi", "gnocchi", "biryani", "waffles", "goulash",
-                           "ceviche", "pierogi"],
-                          ("the dish I love most is {v}", "{owner} go-to dish is {v}", "Which dish do I love most?",
-                           "The dish you love most is {v}.")),
+            "colour": Fact("the shade I like best is {v}", "{owner} preferred shade is {v}",
+                           "Which shade do I like best?", "The shade you like best is {v}.",
+                           ["indigo", "crimson", "magenta", "turquoise", "lavender", "scarlet", "silver", "bronze",
+                            "ochre", "emerald"]),
+            "pet": Fact("my cat is called {v}", "{owner} cat is called {v}", "What's the name of my cat?",
+                        "Your cat is called {v}.",
+                        ["Whiskers", "Mochi", "Jasper", "Clover", "Pixel", "Saffron", "Tofu", "Nugget", "Sprout",
+                         "Gizmo"]),
+            "city": Fact("I grew up in {v}", "{owner} family comes from {v}", "Where did I grow up?",
+                         "You grew up in {v}.",
+                         ["Kyoto", "Lisbon", "Nairobi", "Hanoi", "Bergen", "Cusco", "Tbilisi", "Adelaide", "Montreal",
+                          "Seville"]),
+            "number": Fact("the number I always bet on is {v}", "{owner} betting number is {v}",
+                           "Which number do I always bet on?", "You always bet on {v}.",
+                           ["3", "11", "17", "29", "36", "45", "52", "69", "84", "97"]),
+            "food": Fact("the dish I love most is {v}", "{owner} go-to dish is {v}", "Which dish do I love most?",
+                         "The dish you love most is {v}.",
+                         ["lasagna", "risotto", "burritos", "kimchi", "gnocchi", "biryani", "waffles", "goulash",
+                          "ceviche", "pierogi"]),
         },
         "owners": ["my cousin's", "my uncle's", "my coworker's", "my roommate's"],
-        "lead_ins": ["Oh, before I forget: {s}."],
-        "decoy_lead_ins": ["One more thing, {s}."],
+        "lead_in": "Oh, before I forget: {s}.",
+        "decoy_lead_in": "One more thing, {s}.",
     },
 }
-
-# Half of the training facts take open values instead of their kind's list: made-up words (numbers: any of
-# 1-999), new in nearly every example. With ten values a kind the GPT learned each kind's list and answered a
-# question in new wording with a value from it ("You were born in Oslo."); a value it has never seen can only be
-# copied from where the user said it, which is what the evaluation's unseen values need.
-OPEN_VALUE_SHARE = 0.5
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-
-
-@functools.cache
-def _eval_names():
-    return frozenset(v.lower() for v in inventory("eval")["names"])
-
-
-def open_values(kind, seed, n):
-    """n distinct made-up values for a training fact of this kind (a pure function of seed): numbers for
-    "number", else words of 2-3 syllables, capitalised where the kind's own values are. None is a name or value
-    of the evaluation half."""
-    r = random.Random(seed)
-    held = _eval_names()
-    capital = MEMORY["train"]["facts"][kind].values[0][:1].isupper()
-    out = []
-    while len(out) < n:
-        if kind == "number":
-            v = str(r.randint(1, 999))
-        else:
-            v = "".join(r.choice(_SYLLABLES) for _ in range(r.randint(2, 3)))
-            v = v.capitalize() if capital else v
-        if v.lower() not in held and v not in out:
-            out.append(v)
-    return out
-
 
 # --------------------------------------------------------------------------- chat filler
 CHAT = {
@@ -456,8 +335,9 @@ def inventory(split):
     templates = set(p["needles"]) | set(m["needles"]) | set(m["decoys"]) | set(k["needles"])
     for qs in (p["questions"], m["questions"], k["questions"]):
         templates |= {t for pair in qs for t in pair}
-    templates |= {t for f in mem["facts"].values() for w in f.wordings for t in w}
-    templates |= {*mem["lead_ins"], *mem["decoy_lead_ins"], *chat["acks"], *chat["sum"], *chat["paste_intros"],
+    for f in mem["facts"].values():
+        templates |= {f.state, f.decoy, f.ask, f.reply}
+    templates |= {mem["lead_in"], mem["decoy_lead_in"], *chat["acks"], *chat["sum"], *chat["paste_intros"],
                   *chat["paste_replies"]}
     templates |= {t for pair in chat["small_talk"] for t in pair}
     b = BABI[split]

@@ -10,9 +10,8 @@ from nanochat.common import UserError
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture, TaskSequence, extract_final_number, load_hf_dataset, render_mc
 from tasks.identity import Identity
-from tasks.memory import Memory
+from tasks.memory import FACTS, Memory
 from tasks.spelling import Spelling
-from tasks.splits import MEMORY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_TASKS = [Arithmetic, Spelling, Identity, Memory]
@@ -136,8 +135,7 @@ def test_memory_structure_and_scorer():
         assert 1 + 3 + 1 + 1 <= n_turns <= 1 + 5 + 1 + 1      # fact, filler, decoy, question
         assert decoy is not None and decoy != value
         assert sum(decoy in m["content"] for m in msgs[2:-2]) >= 1  # the decoy sits in the filler
-        asks = [w.ask for w in MEMORY["train"]["facts"][conv["kind"]].wordings]
-        assert msgs[-2]["content"] in asks
+        assert msgs[-2]["content"] == FACTS[conv["kind"]][1]
         assert task.evaluate(conv, f"It is {value}!")
         assert not task.evaluate(conv, f"It is {decoy}.")                # the near-miss
         assert not task.evaluate(conv, f"Either {value} or {decoy}.")    # hedging
@@ -151,12 +149,13 @@ def test_memory_structure_and_scorer():
 
 
 def test_memory_heldout_half():
+    from tasks.splits import MEMORY
     held_values = {v for f in MEMORY["eval"]["facts"].values() for v in f.values}
     held = Memory(split="test", size=60, decoy_prob=1.0, heldout=True)
     for conv in held:
         msgs, fact = conv["messages"], MEMORY["eval"]["facts"][conv["kind"]]
         assert conv["answer"] in held_values and conv["decoy"] in held_values
-        assert msgs[-2]["content"] in [w.ask for w in fact.wordings] and held.evaluate(conv, last_reply(conv))
+        assert msgs[-2]["content"] == fact.ask and held.evaluate(conv, last_reply(conv))
         assert not held.evaluate(conv, f"It is {conv['decoy']}.")
     assert not any(c["answer"] in held_values for c in Memory(split="test", size=60))  # training half by default
 
