@@ -74,6 +74,15 @@ def needle_blocks(key, needle, K):
     return kb + [j for j in range(needle[0] // K, (needle[1] - 1) // K + 1) if j not in kb]
 
 
+def with_spans(blocks, spans, K, offset=0):
+    """blocks, then the K-token blocks of each token span (shifted by offset) not listed yet: a story's other
+    supporting facts, which the answer needs raw as well."""
+    blocks = list(blocks)
+    for a, b in spans:
+        blocks += [j for j in range((a + offset) // K, (b + offset - 1) // K + 1) if j not in blocks]
+    return blocks
+
+
 def _labels_on(ids, a, b):
     """x = ids, y[t] = ids[t + 1] only where that is one of ids[a:b] (else -1). x keeps the last
     token so that y[t] = x[t + 1] holds on every labelled position of a right-padded row."""
@@ -164,9 +173,7 @@ class MCMixture:
             return self._row("passkey", s, rng)
         assert ex.question_start == s, (ex.question_start, s)
         blocks = needle_blocks(ex.key_spans[0], ex.needle_spans[0], self.K)
-        for a, b in ex.needle_spans[1:]:
-            blocks += [j for j in range(a // self.K, (b - 1) // self.K + 1) if j not in blocks]
-        return ex.ids, ex.answer_span, blocks
+        return ex.ids, ex.answer_span, with_spans(blocks, ex.needle_spans[1:], self.K)
 
     def _chat_row(self, s, rng):
         """A Memory conversation whose filler turns fill about s tokens; everything before the last
@@ -208,8 +215,7 @@ class MCMixture:
         answer = (ex.answer_span[0] + n, ex.answer_span[1] + n)
         blocks = needle_blocks((ka + n, kb + n), (needle[0] + n, needle[1] + n), self.K)
         if task in STORY_TASKS:  # the answer needs every supporting fact raw, not just the answering one
-            for a, b in ex.needle_spans[1:]:
-                blocks += [j for j in range((a + n) // self.K, (b + n - 1) // self.K + 1) if j not in blocks]
+            blocks = with_spans(blocks, ex.needle_spans[1:], self.K, offset=n)
         return ids, answer, blocks
 
     def _text_row(self, s, rng):

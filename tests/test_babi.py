@@ -261,7 +261,6 @@ def test_midtraining_rows_label_the_answer_and_open_the_supporting_blocks(tiny_b
             assert batch.blocks[row] and not lab[row, :batch.s].any()
 
 
-
 def test_chat_story_rows_open_every_supporting_fact(tiny_base_env, monkeypatch):
     """chat_qa*: the story told in a conversation; the needle recipe must open every supporting fact's blocks."""
     import tasks.chat_view as cv
