@@ -142,6 +142,23 @@ def test_bow_weight_adds_the_bow_term_and_it_falls():
     assert float(loss.detach()) < first - 0.5, (first, float(loss.detach()))
 
 
+def test_row_lm_weight_adds_the_whole_rows_plain_loss_on_random_splits_only():
+    x, y = batch()
+    out = {}
+    for w in (0.0, 0.5):
+        obj, cfg = make(train_lm_weight=w)
+        out[w] = obj.loss(x, y, np.random.default_rng(3)), obj.loss(x, y, np.random.default_rng(3), s=96)
+    (l0, m0), (e0, _) = out[0.0]
+    (l1, m1), (e1, em1) = out[0.5]
+    assert "mc/row_lm_loss" not in m0
+    plain = obj.gpt(x, y)  # the same weights: make() seeds them
+    torch.testing.assert_close(m1["mc/row_lm_loss"], plain.detach())
+    torch.testing.assert_close(l1 - l0, 0.5 * plain.detach(), rtol=1e-5, atol=1e-5)  # the same draws otherwise
+    # an explicit split is a long-context task row: it is never read whole
+    assert "mc/row_lm_loss" not in em1
+    torch.testing.assert_close(e1, e0)
+
+
 def test_random_tokens_never_beat_ln_v():
     obj, cfg = make(seed=1, plain=0.25)
     opt = torch.optim.AdamW(list(obj.gpt.parameters()) + obj.parameters_mc(), lr=3e-3, weight_decay=0.0)

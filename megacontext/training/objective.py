@@ -17,7 +17,8 @@ One step on a batch x, y (B, T) of next-token pairs (y[:, t] = x[:, t + 1], -1 =
 6. with gist_bow_weight > 0, a bag-of-words loss on the level-1 gists (`bow_loss`): read through the
    GPT's frozen lm_head, each gist must predict its own block's tokens, so that the GPT can copy the
    recurring tokens of a gisted history (on prose most of what history adds).
-A share `train_plain_lm` of steps trains plain full-detail LM instead, so base quality holds.
+A share `train_plain_lm` of steps trains plain full-detail LM instead, and every other step adds the plain LM
+loss of the whole row (weight `train_lm_weight`): each token keeps its next-token loss, so base quality holds.
 
 Level-2 salience: level-2 gists in a base WC are counterfactual candidates like any other gist (their
 expansion is scored by delta_nll), so LensNet learns coarse scores.
@@ -227,6 +228,7 @@ class MCObjective:
                 loss = self.lm(x, y)
             return loss, {"mc/plain_lm_loss": loss.detach(), **timer.pop()}
         B, T = x.shape
+        explicit_split = s is not None
         if s is None:
             s = split_point(T, cfg, rng)
         elif s % cfg.block_size or not 0 < s < T:
@@ -283,6 +285,13 @@ class MCObjective:
                                 "mc/delta_nll": best[legal.any(1)].mean(),
                                 "mc/lens_agreement": pair_agreement(scores, delta, legal),
                                 "mc/lens_top1": top1_share(scores, delta, legal)})
+        if cfg.train_lm_weight > 0 and not explicit_split:
+            # the whole row raw as well: every token keeps its plain next-token loss on MC steps (a row with an
+            # explicit split is a long-context task row, longer than the GPT reads at once)
+            with timer("row_lm"):
+                row_lm = self.lm(x, y)
+            loss = loss + cfg.train_lm_weight * row_lm
+            metrics["mc/row_lm_loss"] = row_lm.detach()
         metrics["mc/loss"] = loss.detach()
         metrics.update(timer.pop())
         return loss, metrics
