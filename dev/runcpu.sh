@@ -25,9 +25,9 @@ RUN=${WANDB_RUN:-dummy}
 # MegaContext is on by default (MC=0 trains a plain model). `--mc` and the size dials only: every other knob is
 # MCConfig's default recipe (megacontext/config.py), sized from the sequence length: budget 256, 32 raw tail
 # tokens, training histories under 96 slots; pretraining runs the objective on every row of 3 batches in 4
-# with 4 counterfactual expansions per row, the gists' bag-of-words loss and the whole row's plain loss;
-# midtraining starts with the copy warm-up, then spends 80 % of its batches on needle tasks and corpus text
-# continued after a gisted history at 1-64x the budget. 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
+# with 4 counterfactual expansions per row and the gists' bag-of-words loss; midtraining starts with the copy
+# warm-up, then spends 80 % of its batches on needle tasks and corpus text continued after a gisted history at
+# 1-64x the budget. 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
 # head. SFT runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
 # the flag the GistNet/LensNet weights are carried through unchanged (the GPU scripts train them).
 MC_FLAG=() HEADS=()
@@ -65,7 +65,8 @@ step "MegaContext evaluation and cost benchmark"
 if [ "$MC" = 1 ]; then
   # 256 stretches: the gist substitutability's 90 % interval over 64 rows was 0.20-0.67 (dev/LOG.md, 2026-11-22, 'the eval's depths fix each needle's alignment')
   # 0.5x: a history the GPT reads whole, so full attention (the model's own ceiling) has a cell on every task
-  # every method but megacontext_gaussian (the position ablation; the full evaluation keeps it): ~3 of the 45 minutes
+  # every method but megacontext_gaussian (the position ablation; the full evaluation keeps it): it took ~3 of the
+  # 45 minutes (dev/LOG.md, 2026-12-07, 'the whole row's plain loss on every MegaContext step')
   python -m scripts.mc_eval --source sft --quick --multiples 0.5,1,4,16,64,256 --trials 20 --needle-trials 10 --docs 256 --doc-tokens 1088 \
     --methods truncation,sinks,mean_pool,mc_recency,mc_lensnet,megacontext,full,bm25,bm25_truncate,oracle,session,session_reopened
   python -m scripts.mc_bench --source sft

@@ -79,10 +79,10 @@ class MCConfig:
     train_variants: str = "pyramid,lens"
     train_plain_lm: float = 0.25  # share of steps that train plain full-detail LM only (base quality)
     train_row_share: float = 1.0  # share of each micro-batch's rows through the MC objective; the rest plain LM
-    # weight of a plain LM loss on the whole row, added to every MC-objective step: at runcpu's size val bpb 1.879
-    # against 1.973 without it and 1.862 for a plain run, the gists as useful (dev/LOG.md, 2026-12-07, 'the whole
-    # row's plain loss on every MegaContext step')
-    train_lm_weight: float = 3.0
+    # weight of a plain LM loss on the whole row, added to every MC-objective step. 3 buys base quality with
+    # retrieval: at runcpu's size val bpb 1.879 against 1.973 (plain run 1.862), but passkey at 16x 79 % against 95,
+    # at 64x in chat 45 % against 83 (dev/LOG.md, 2026-12-07, 'the whole row's plain loss on every MegaContext step')
+    train_lm_weight: float = 0.0
     lens_weight: float = 1.0      # weight of LensNet's (listwise + binary) loss in the total
     lens_cands: int = 4           # counterfactual expansions per row (0: every gist of the context)
     lens_temp: float = 1.0        # nats: binary target = sigmoid(delta_nll / lens_temp)

@@ -263,7 +263,7 @@ def test_train_row_share_mixes_mc_rows_and_plain_lm_rows():
     gpt = GPT(config_from_depth(1, 97, 192, aspect_ratio=32, head_dim=16))
     gpt.init_weights()
     base = dict(budget=64, tail_tokens=32, train_min_target=32, max_level=2, gist_layers=1, lens_dim=32,
-                lens_heads=2, lens_layers=1, train_plain_lm=0.0, train_lm_weight=0.0)  # the row-share split alone
+                lens_heads=2, lens_layers=1, train_plain_lm=0.0)
     cfg = MCConfig(train_row_share=0.4, **base)  # 2 of 5 rows
     nets = build_mc_modules(gpt, cfg)
     x = torch.randint(0, 97, (5, 193))

@@ -17,8 +17,9 @@ One step on a batch x, y (B, T) of next-token pairs (y[:, t] = x[:, t + 1], -1 =
 6. with gist_bow_weight > 0, a bag-of-words loss on the level-1 gists (`bow_loss`): read through the
    GPT's frozen lm_head, each gist must predict its own block's tokens, so that the GPT can copy the
    recurring tokens of a gisted history (on prose most of what history adds).
-A share `train_plain_lm` of steps trains plain full-detail LM instead, and every other step adds the plain LM
-loss of the whole row (weight `train_lm_weight`): each token keeps its next-token loss, so base quality holds.
+A share `train_plain_lm` of steps trains plain full-detail LM instead, so base quality holds; with
+`train_lm_weight` > 0 every other step adds the plain LM loss of the whole row as well (base quality bought
+with retrieval: see MCConfig).
 
 Level-2 salience: level-2 gists in a base WC are counterfactual candidates like any other gist (their
 expansion is scored by delta_nll), so LensNet learns coarse scores.
