@@ -17,7 +17,8 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(); a UserError becomes one clear line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit code 2.
+    A gloo (CPU) rank that finished together with the others ends here with os._exit: see leave_together."""
     try:
         main()
     except UserError as e:
@@ -26,6 +27,10 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if _gloo_left_together():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def get_base_dir():
@@ -113,16 +118,30 @@ def compute_init(device_type=None, seed=42):
     return ddp, rank, local_rank, world_size, device
 
 
+_left_together = False
+
+
 def leave_together():
     """Under DDP, wait until every rank got here. Called on the success path only (a rank that raised must not
-    wait for one that never comes): a rank that tore its gloo group down while rank 0 still wrote the report
-    aborted under load ("terminate called without an active exception", SIGABRT) and failed the whole stage."""
+    wait for one that never comes).
+    Why: a gloo rank tearing its group down (destroy_process_group, then interpreter shutdown) while the other
+    rank was still alive aborted now and then under load ("terminate called without an active exception",
+    SIGABRT) after all its work was done, and torchrun failed the whole stage. The barrier alone made it rarer,
+    not gone. So a gloo rank that got here skips the teardown: compute_cleanup leaves the group alone and
+    run_main ends the process with os._exit(0) once stdout and stderr are flushed (every file, checkpoint and
+    wandb run is closed by then). NCCL keeps the documented destroy_process_group."""
+    global _left_together
     if is_ddp() and dist.is_initialized():
         dist.barrier()
+        _left_together = True
+
+
+def _gloo_left_together():
+    return _left_together and dist.is_initialized() and dist.get_backend() == "gloo"
 
 
 def compute_cleanup():
-    if is_ddp() and dist.is_initialized():
+    if is_ddp() and dist.is_initialized() and not _gloo_left_together():
         dist.destroy_process_group()
 
 
