@@ -7,12 +7,16 @@ current code measured, with the commit that measured them, never typed by hand.
 
 The accuracy tables go between the README's `<!-- results:start -->` and `<!-- results:end -->` markers,
 every cell an accuracy with its 95 % Wilson interval and trial count; the decode-cost table (mc_bench's
-JSON of the same run, when there is one) between `<!-- cost:start -->` and `<!-- cost:end -->`. --check
-exits with status 1 when the README's tables differ from the ones the JSONs give (e.g. after a hand edit).
+JSON of the same run, when there is one) between `<!-- cost:start -->` and `<!-- cost:end -->`; the cost
+against model size (the `mc_bench_depth*.json` files `bash dev/bench_depths.sh` writes beside the JSON,
+when there are any) between `<!-- scale:start -->` and `<!-- scale:end -->`. --check exits with status 1
+when the README's tables differ from the ones the JSONs give (e.g. after a hand edit).
 """
 import argparse
+import glob
 import json
 import os
+import re
 import sys
 
 from nanochat.common import UserError, get_base_dir, run_main
@@ -20,6 +24,7 @@ from megacontext.eval.stats import fmt
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COST_START, COST_END = "<!-- cost:start -->", "<!-- cost:end -->"
+SCALE_START, SCALE_END = "<!-- scale:start -->", "<!-- scale:end -->"
 # (title, where in the JSON, methods shown in order)
 ROWS = ["megacontext", "bm25", "bm25_truncate", "truncation", "oracle", "full", "session", "session_reopened"]
 TABLES = [("Passkey (raw text)", ("passkey",)), ("Multi-key with near-miss decoys (raw text)", ("needle",)),
@@ -93,6 +98,39 @@ def cost_markdown(bench, commit=None):
     return "\n".join(lines).rstrip() + "\n"
 
 
+def scale_markdown(benches):
+    """The README block for mc_bench runs of random-init models of several depths (one JSON each): per depth,
+    MegaContext's decode cost beside plain KV decoding at the same history, and the refocus speed-up."""
+    benches = sorted(benches, key=lambda b: b["config"]["n_layer"])
+    commits = sorted({b["config"].get("commit") or "unknown" for b in benches})
+    c = benches[0]["config"]
+    h = int(benches[0]["decode_vs_plain"]["history"])
+    lines = [f"Measured by `bash dev/bench_depths.sh` (`python -m scripts.mc_bench --source random` per depth; commit "
+             f"{', '.join(f'`{x}`' for x in commits)}; {c['device']}, {c.get('torch_threads', '?')} threads, budget "
+             f"{c['budget']} slots, {h:,} tokens of history, medians of alternating rounds).", "",
+             "| depth | width | MegaContext, ms per token | plain KV over the history | ratio | plain KV over the "
+             "window | ratio | refocus vs recompute (max logit diff) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b in benches:
+        v, cfg = b["decode_vs_plain"], b["config"]
+        r = b.get("refocus", {}).get(str(h)) or {}
+        refocus = f"{r['speedup']:.2f}x ({r['max_abs_logit_diff']:.0e})" if r else "-"
+        lines.append(f"| {cfg['n_layer']} | {cfg['n_embd']} | {v['megacontext']:.2f} | {v['full_kv']:.2f} | "
+                     f"{v['ratio_full_kv']:.2f}x | {v['window']:.2f} | {v['ratio_window']:.2f}x | {refocus} |")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def depth_benches(report_dir):
+    """The mc_bench_depth<N>.json files in report_dir, loaded."""
+    paths = [p for p in glob.glob(os.path.join(report_dir, "mc_bench_depth*.json"))
+             if re.fullmatch(r"mc_bench_depth\d+\.json", os.path.basename(p))]
+    out = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            out.append(json.load(f))
+    return out
+
+
 def replace_block(readme_text, block, start=START, end=END):
     """The README with the text between the markers replaced by `block`; UserError without the markers."""
     a, b = readme_text.find(start), readme_text.find(end)
@@ -124,6 +162,9 @@ def main(argv=None):
             new = replace_block(new, cost_markdown(json.load(f), res["config"].get("commit")), COST_START, COST_END)
     elif args.bench:
         raise UserError(f"cannot read {bench_path}: run `python -m scripts.mc_bench` first")
+    scale = depth_benches(os.path.dirname(path))
+    if scale:
+        new = replace_block(new, scale_markdown(scale), SCALE_START, SCALE_END)
     if args.check:
         if new != old:
             print(f"{args.readme}: the results table differs from {path}")

@@ -64,3 +64,29 @@ def test_cost_table_comes_from_the_same_runs_bench(tmp_path):
     assert md in text and "old" not in text
     with pytest.raises(UserError, match="mc_bench"):
         main(["--json", str(tmp_path / "mc_eval.json"), "--readme", str(readme), "--bench", str(tmp_path / "no.json")])
+
+
+def depth_bench(depth, width, mc, kv, window, speedup):
+    return {"config": {"source": "random-init", "n_layer": depth, "n_embd": width, "budget": 512, "device": "cpu",
+                       "torch_threads": 2, "commit": "def5678"},
+            "decode_vs_plain": {"history": 1000, "rounds": 7, "megacontext": mc, "full_kv": kv, "window": window,
+                                "ratio_full_kv": round(mc / kv, 3), "ratio_window": round(mc / window, 3),
+                                "window_slots": 499},
+            "refocus": {"1000": {"slots_mean": 90.0, "of": 482, "speedup": speedup, "max_abs_logit_diff": 4.7e-08}}}
+
+
+def test_scale_table_lists_every_depth_bench_beside_the_json_in_depth_order(tmp_path):
+    from dev.readme_results import COST_END, COST_START, END, SCALE_END, SCALE_START, START, main
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n\n{COST_START}\n{COST_END}\n\n{SCALE_START}\nold\n{SCALE_END}\n")
+    (tmp_path / "mc_eval.json").write_text(json.dumps(result()))
+    (tmp_path / "mc_bench_depth12.json").write_text(json.dumps(depth_bench(12, 768, 48.0, 48.3, 44.2, 3.32)))
+    (tmp_path / "mc_bench_depth2.json").write_text(json.dumps(depth_bench(2, 128, 2.36, 1.91, 1.69, 2.25)))
+    (tmp_path / "mc_bench_depth2.json.bak").write_text("not json")  # not a depth bench: ignored
+    main(["--json", str(tmp_path / "mc_eval.json"), "--readme", str(readme)])
+    text = readme.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 12 |")]
+    assert rows == ["| 2 | 128 | 2.36 | 1.91 | 1.24x | 1.69 | 1.40x | 2.25x (5e-08) |",
+                    "| 12 | 768 | 48.00 | 48.30 | 0.99x | 44.20 | 1.09x | 3.32x (5e-08) |"]
+    assert "commit `def5678`" in text and "old" not in text
+    main(["--json", str(tmp_path / "mc_eval.json"), "--readme", str(readme), "--check"])
