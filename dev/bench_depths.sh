@@ -2,7 +2,7 @@
 # MegaContext's decode and refocus cost against model size: mc_bench on random-init GPTs of several depths
 # (the width follows the depth, as in training), side by side with plain KV-cached decoding at 1,000 and
 # 10,000 tokens of history. One JSON per depth in $NANOCHAT_BASE_DIR/report/mc_bench_depth<N>.json, which
-# `python -m dev.readme_results` turns into the README's table. On 2 CPU cores, depths 2, 8 and 12 take ~5 min.
+# `python -m dev.readme_results` turns into the README's table. On 2 CPU cores, depths 2, 8 and 12 take ~9 min.
 #
 #   bash dev/bench_depths.sh            # depths 2 8 12
 #   bash dev/bench_depths.sh 2 8 12 20  # depth 20 (speedrun's) adds ~15 min on a CPU
