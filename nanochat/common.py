@@ -178,6 +178,7 @@ def rss_mb():
 
 class DummyWandb:
     """Stands in for wandb when --run=dummy: logs nothing, never touches the network."""
+    id = None
 
     def log(self, *args, **kwargs):
         pass
@@ -204,6 +205,7 @@ class WandbRun:
 
     def __init__(self, run):
         self.run = run
+        self.id = run.id  # kept in the checkpoint, so that a resumed run continues this wandb run
 
     def log(self, data, step=None):
         step = data.get("step") if step is None else step
@@ -213,10 +215,11 @@ class WandbRun:
         self.run.finish()
 
 
-def init_wandb(run, project, config, master_process=True):
+def init_wandb(run, project, config, master_process=True, resume_id=None):
     """A real wandb run when `run` names one, otherwise a dummy. Without credentials (and no WANDB_MODE set)
     it logs offline with a note instead of prompting: a prompt inside screen or under torchrun would hang
-    every rank."""
+    every rank. resume_id: the id of the run a resumed checkpoint logged to (its loop_state's "wandb_id"), so
+    that a preempted and resumed training is one wandb run, not two."""
     if run == "dummy" or not master_process:
         return DummyWandb()
     import wandb
@@ -225,4 +228,5 @@ def init_wandb(run, project, config, master_process=True):
         mode = "offline"
         print(f"wandb: no credentials (WANDB_API_KEY or `wandb login`): logging run {run!r} offline under "
               f"./wandb; upload it later with `wandb sync`")
-    return WandbRun(wandb.init(project=project, name=run, config=config, mode=mode))
+    resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
+    return WandbRun(wandb.init(project=project, name=run, config=config, mode=mode, **resume))

@@ -298,7 +298,7 @@ def _train(args, ddp, rank, world_size, device, stop):
             print0(repr(tokenizer.decode(results[0][1:])))
         orig_model.train()
 
-    wandb_run = init_wandb(args.run, "nanochat", vars(args), master)
+    wandb_run = init_wandb(args.run, "nanochat", vars(args), master, resume_id=loop_state.get("wandb_id"))
     user_config = vars(args)
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
     val_bpb = loop_state.get("val_bpb")
@@ -314,7 +314,7 @@ def _train(args, ddp, rank, world_size, device, stop):
                 "train_loss": train_loss_value, "val_bpb": val_bpb, "world_size": world_size,
                 "device_batch_size": B, "max_seq_len": T, "dataloader_state": states,
                 "loop_state": {"min_val_bpb": min_val_bpb, "val_bpb": val_bpb, "train_loss": train_loss_value,
-                               "total_time": total_time}}
+                               "total_time": total_time, "wandb_id": wandb_run.id}}
         if mc_cfg is not None:
             meta["mc_config"] = mc_cfg.to_dict()
         model_data = {"gpt": orig_model.state_dict(), **{n: m.state_dict() for n, m in extra_modules.items()}}

@@ -275,7 +275,7 @@ def _train(args, ddp, rank, world_size, device, stop):
                                skip=data_state["batches"])
 
     user_config = vars(args)
-    wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master)
+    wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master, resume_id=loop_state.get("wandb_id"))
     val_loss, train_loss_value = loop_state.get("val_loss"), loop_state.get("train_loss")
     metrics, total_time = loop_state.get("metrics", {}), loop_state.get("total_time", 0.0)
     mc_window, mc_last, tokens_seen = MetricWindow(), loop_state.get("mc_last", {}), loop_state.get("tokens_seen", 0)
@@ -286,7 +286,8 @@ def _train(args, ddp, rank, world_size, device, stop):
                     train_loss=train_loss_value, val_loss=val_loss, metrics=metrics, world_size=world_size,
                     source=source, data_order=data_order, data_state=gather_objects(dict(data_state)),
                     loop_state={"val_loss": val_loss, "train_loss": train_loss_value, "metrics": metrics,
-                                "total_time": total_time, "tokens_seen": tokens_seen, "mc_last": mc_last})
+                                "total_time": total_time, "tokens_seen": tokens_seen, "mc_last": mc_last,
+                                "wandb_id": wandb_run.id})
         if mc_config is not None:
             meta["mc_config"] = mc_config
         model_data = {"gpt": orig_model.state_dict(), **passthrough,

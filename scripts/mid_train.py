@@ -299,7 +299,7 @@ def _train(args, ddp, rank, world_size, device, stop):
                    if args.text_share > 0 else None)
 
     user_config = vars(args)
-    wandb_run = init_wandb(args.run, "nanochat-mid", user_config, master)
+    wandb_run = init_wandb(args.run, "nanochat-mid", user_config, master, resume_id=loop_state.get("wandb_id"))
     num_iterations = args.num_iterations
     if 0 < num_iterations < start_step:
         raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_iterations}")
@@ -324,7 +324,7 @@ def _train(args, ddp, rank, world_size, device, stop):
                                 "train_loss": train_loss_value, "total_time": total_time, "text_bpb": text_bpb,
                                 "text_rows": text_rows, "mc_rows": mc_rows, "mc_last": mc_last,
                                 "copy_losses": list(copy_losses), "warm_done": warm_done,
-                                "warmup_steps": warmup_steps})
+                                "warmup_steps": warmup_steps, "wandb_id": wandb_run.id})
         if mc_config is not None:
             meta["mc_config"] = mc_config
         model_data = {"gpt": orig_model.state_dict(), **passthrough,

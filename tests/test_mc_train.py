@@ -140,6 +140,8 @@ def test_mid_text_share_trains_mc_nets_on_pretraining_text(mc_base):
 
 
 class Recorder:
+    id = None  # no wandb run to resume
+
     def __init__(self):
         self.logs = []
 

@@ -94,6 +94,26 @@ def test_offline_run_logs_metrics(tiny_base_env, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_run_logs_to_the_same_wandb_run(tiny_base_env, tmp_path):
+    """The checkpoint keeps the wandb run's id; a resumed training continues that run instead of opening another."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"WANDB_MODE": "offline"}
+    first = train(tiny_base_env, work, "--run=tiny-resume", "--save-every=2", "--model-tag=wresume", env_extra=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train(tiny_base_env, work, "--run=tiny-resume", "--save-every=2", "--model-tag=wresume", "--resume=2",
+                  env_extra=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    runs = sorted(glob.glob(str(work / "wandb" / "offline-run-*")))
+    assert len(runs) == 2, runs
+    ids = {os.path.basename(r).rsplit("-", 1)[1] for r in runs}
+    assert len(ids) == 1, runs  # both directories belong to one run id
+    with open(os.path.join(tiny_base_env, "base_checkpoints", "wresume", "meta_000004.json")) as f:
+        assert json.load(f)["loop_state"]["wandb_id"] == ids.pop()
+
+
+@pytest.mark.slow
 def test_a_named_run_without_credentials_logs_offline_instead_of_prompting(tiny_base_env, tmp_path):
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
