@@ -5,7 +5,7 @@
 # `python -m dev.readme_results` turns into the README's table. On 2 CPU cores, depths 2, 8 and 12 take ~9 min.
 #
 #   bash dev/bench_depths.sh            # depths 2 8 12
-#   bash dev/bench_depths.sh 2 8 12 20  # depth 20 (speedrun's) adds ~15 min on a CPU
+#   bash dev/bench_depths.sh 2 8 12 20  # depth 20 (speedrun's) too: far longer on a CPU, meant for a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 depths=("$@")

@@ -13,7 +13,6 @@ when there are any) between `<!-- scale:start -->` and `<!-- scale:end -->`. --c
 when the README's tables differ from the ones the JSONs give (e.g. after a hand edit).
 """
 import argparse
-import glob
 import json
 import os
 import re
@@ -122,12 +121,11 @@ def scale_markdown(benches):
 
 def depth_benches(report_dir):
     """The mc_bench_depth<N>.json files in report_dir, loaded."""
-    paths = [p for p in glob.glob(os.path.join(report_dir, "mc_bench_depth*.json"))
-             if re.fullmatch(r"mc_bench_depth\d+\.json", os.path.basename(p))]
     out = []
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            out.append(json.load(f))
+    for name in sorted(os.listdir(report_dir)):
+        if re.fullmatch(r"mc_bench_depth\d+\.json", name):
+            with open(os.path.join(report_dir, name), encoding="utf-8") as f:
+                out.append(json.load(f))
     return out
 
 
