@@ -96,8 +96,11 @@ class MCConfig:
     mix_warmup: float = 0.4       # share of the run (first) given to the copy warm-up, at most
     mix_multiples: str = "1,4,16,64"  # task histories as multiples of the budget
     # long-context tasks (multi-key twice: the reranker learns from the rows only the question disambiguates;
-    # chat_*: the same asked in a conversation, and a fact the user stated asked back: the memory as users reach it)
-    mix_tasks: str = "passkey,multikey,multikey,kv_recall,chat_passkey,chat_multikey,chat_memory,chat_memory,text"
+    # chat_*: the same asked in a conversation, and a fact the user stated asked back: the memory as users reach it;
+    # copy: the warm-up's induction rows, without which the rest of midtraining erases copying (dev/LOG.md,
+    # 2026-12-08, 'midtraining erased the copying')
+    mix_tasks: str = ("passkey,multikey,multikey,kv_recall,chat_passkey,chat_multikey,chat_memory,chat_memory,text,"
+                      "copy")
     mix_batch_size: int = 0       # rows per long-context micro-batch (0: the run's --device-batch-size)
     warmup_exit: float = 0.5      # nats/token: the copy warm-up ends once its copy rows' loss is below this
     warmup_rows_mult: int = 2     # the warm-up's micro-batches have this many times mix_batch_size rows

@@ -17,7 +17,9 @@ rows): the needle recipe (megacontext/training/needle.py) opens these blocks and
 Tasks: passkey, multikey (near-miss decoys, the question names the key), kv_recall (tasks/longctx.py),
 chat_passkey, chat_multikey, chat_kv_recall (the same asked in a conversation, tasks/chat_view.py), chat_memory
 (a fact the user stated early, with decoys), longchat (tasks/memory.py conversations with many filler turns; the question is the last user
-turn) and text (corpus text continued after the history: plain LM through the MC objective). Optional:
+turn), text (corpus text continued after the history: plain LM through the MC objective) and copy (the
+warm-up's induction rows, short and raw: without them the rest of midtraining erases the copying they taught,
+and a model that cannot copy an unseen word cannot answer from what the user said). Optional:
 qa1, qa2, qa3 and chat_qa1, chat_qa2, chat_qa3 (bAbI-style stories, tasks/babi.py, raw and in a conversation;
 the blocks of every supporting fact, the answering one's first).
 The warm-up comes first: induction rows (a random-token history, then a span of it repeated,
@@ -32,7 +34,7 @@ import torch
 from tasks.longctx import STORY_TASKS, key_span, kv_recall, multikey, passkey, raw_example
 
 TASKS = ("passkey", "multikey", "kv_recall", "chat_passkey", "chat_multikey", "chat_kv_recall", "chat_memory",
-         "longchat", "text")
+         "longchat", "text", "copy")
 # bAbI-style stories (tasks/babi.py), raw and in chat: available by name (tasks=..., --mc-mix-tasks)
 OPTIONAL_TASKS = STORY_TASKS + tuple(f"chat_{t}" for t in STORY_TASKS)
 STORY_FACTS = 30  # the longest story a row draws (a few dozen facts), when the history has room for it
@@ -113,6 +115,10 @@ class MCMixture:
     def history_len(self, multiple):
         """s for a history of `multiple` x budget tokens (block-aligned, at least two blocks)."""
         return max(2 * self.K, int(multiple * self.cfg.budget) // self.K * self.K)
+
+    def _short_len(self, rng):
+        """A short history (2-4 blocks, within the training-history budget): read raw, no gists."""
+        return self.K * int(rng.integers(2, max(2, min(4, self.cfg.hist_budget() // self.K)) + 1))
 
     def _filler(self, rng, n):
         ids = self.filler_ids
@@ -253,14 +259,16 @@ class MCMixture:
     def batch(self, B, rng, warmup=False):
         """An MCBatch of B rows. One history length and one task per batch (equal-length rows)."""
         if warmup:
-            hi = max(2, min(4, self.cfg.hist_budget() // self.K))
-            s = self.K * int(rng.integers(2, hi + 1))
+            s = self._short_len(rng)
             kind = "copy" if rng.random() < 0.85 else "passkey"
             rows = [self._copy_row(s, rng) if kind == "copy" else self._row("passkey", s, rng) for _ in range(B)]
             return self._collate(rows, s)
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        if task == "copy":  # induction rows as in the warm-up, short and raw: they keep the copying heads alive
+            s = self._short_len(rng)
+            return self._collate([self._copy_row(s, rng) for _ in range(B)], s)
         m = self.multiples[int(rng.integers(len(self.multiples)))]
         s = self.history_len(m)
-        task = self.tasks[int(rng.integers(len(self.tasks)))]
         # fewer rows for long histories (B up to 4x the budget, then B * 4 / m, at least 2): GistNet runs
         # with gradient over every history token, and the GPT's copying learns as much from short ones
         B = min(B, max(2, int(B * 4 // max(m, 4))))

@@ -203,6 +203,11 @@ def test_mixture_rows_label_the_answer(tiny_base_env):
             if task == "longchat":
                 assert b.blocks[r] is None
                 continue
+            if task == "copy":  # an induction row, short and raw: the labelled span repeats one of the history
+                ans, hist = y[r][lab[r]].tolist(), x[r, :s].tolist()
+                assert b.blocks[r] is None and s == 64 and len(ans) >= K - 1
+                assert any(hist[i:i + len(ans)] == ans for i in range(s - len(ans) + 1))
+                continue
             if task == "text":  # corpus text continued: the target is the next tokens, all labelled
                 assert b.blocks[r] is None and lab[r].sum() == x.size(1) - s - 1
                 assert answer in tok.decode(x[r].tolist())
