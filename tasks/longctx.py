@@ -42,11 +42,13 @@ from functools import partial
 
 import numpy as np
 
-from tasks.splits import (KV, KV_REPLY, MEMORY, MULTIKEY, MULTIKEY_REPLY, PASSKEY, PASSKEY_REPLY, check_split,
-                          key_parity)
+from tasks.splits import (KV, KV_REPLY, MEMORY, MEMORY_OPEN, MULTIKEY, MULTIKEY_REPLY, PASSKEY, PASSKEY_REPLY, Fact,
+                          check_split, inventory, key_parity)
 
 ANSWER_END = "."  # ends every answer, as the needles end their keys
 KEY_PATTERN = r"\d{5}"  # the kind of every key: a reply naming another 5-digit number is wrong
+OPEN_SHARE = 0.5  # share of training chat-memory facts that are open facts (made_up_value, open_fact)
+_EVAL_NAMES = {n.lower() for n in inventory("eval")["names"]}  # a made-up value never is one of these
 # the training half under its historical names (tests, and callers that predate the split)
 PASSKEY_NEEDLES = PASSKEY["train"]["needles"]
 PASSKEY_QUESTIONS = [raw for raw, _ in PASSKEY["train"]["questions"]]
@@ -158,17 +160,58 @@ def kv_plan(rng, split="train", n_pairs=6):
                 chat_q.format(k=names[0]), KV_REPLY.format(k=names[0], v=vals[0]), vals, KEY_PATTERN)
 
 
-def chat_memory_plan(rng, split="train", n_decoys=2, kind=None):
+def made_up_value(rng):
+    """A value no list holds (training half): a pseudo-word of 2-3 syllables, capitalised half the time, or a
+    number 100-999; never a word of the evaluation half."""
+    o = MEMORY_OPEN
+    while True:
+        if rng.random() < 0.25:
+            v = str(int(rng.integers(100, 1000)))
+        else:
+            v = "".join(_pick(rng, o["onsets"]) + _pick(rng, o["vowels"]) + _pick(rng, o["codas"])
+                        for _ in range(int(rng.integers(2, 4))))
+            v = v.capitalize() if rng.random() < 0.5 else v
+        if v.lower() not in _EVAL_NAMES:
+            return v
+
+
+def open_fact(rng, n_values):
+    """(kind, Fact, lead_in) of an open fact (tasks/splits.MEMORY_OPEN): a random attribute in random shapes,
+    Fact.values = n_values distinct made-up values, the first one the asked value."""
+    o = MEMORY_OPEN
+    vals = []
+    while len(vals) < n_values:
+        v = made_up_value(rng)
+        if v.lower() not in {x.lower() for x in vals}:
+            vals.append(v)
+    a, verb = _pick(rng, o["attributes"]), _pick(rng, o["verbs"])
+    fill = lambda t: t.replace("{a}", a).replace("{verb}", verb)  # noqa: E731  ({v}, {owner} stay placeholders)
+    shape = rng.random()
+    if shape < 0.5:    # "my bike is Zanfar" / "What is my bike?"
+        parts = _pick(rng, o["states"]), _pick(rng, o["decoys"]), _pick(rng, o["asks"]), o["reply"]
+    elif shape < 0.8:  # "the bike I use most is Zanfar" / "Which bike do I use most?"
+        parts = _pick(rng, o["verb_states"]), _pick(rng, o["decoys"]), _pick(rng, o["verb_asks"]), o["verb_reply"]
+    else:              # "I studied in Zanfar" / "Where did I study?"
+        parts = _pick(rng, o["events"])
+    return "open", Fact(*map(fill, parts), vals), _pick(rng, o["lead_ins"])
+
+
+def chat_memory_plan(rng, split="train", n_decoys=2, kind=None, open_share=OPEN_SHARE):
     """A personal fact stated early (depth 0-0.2 of the history), n_decoys facts of the same kind about other
-    people anywhere, asked back at the end. Chat only (no raw text)."""
+    people anywhere, asked back at the end. Chat only (no raw text). In the training half, open_share of the
+    facts are open facts (open_fact: any attribute, made-up values) unless `kind` names a fixed kind."""
     s = MEMORY[check_split(split)]
-    kind = kind or _pick(rng, sorted(s["facts"]))
-    f = s["facts"][kind]
+    lead_in = s["lead_in"]
+    if kind is None and split == "train" and rng.random() < open_share:
+        kind, f, lead_in = open_fact(rng, 1 + n_decoys)
+    else:
+        kind = kind or _pick(rng, sorted(s["facts"]))
+        f = s["facts"][kind]
     if not 0 <= n_decoys <= min(len(s["owners"]), len(f.values) - 1):
         raise ValueError(f"n_decoys must be in 0..{min(len(s['owners']), len(f.values) - 1)}, got {n_decoys}")
     vals = [f.values[i] for i in rng.choice(len(f.values), 1 + n_decoys, replace=False)]
     owners = [s["owners"][i] for i in rng.choice(len(s["owners"]), n_decoys, replace=False)]
-    fact = s["lead_in"].format(s=f.state.format(v=vals[0]))
+    fact = lead_in.format(s=f.state.format(v=vals[0]))
     decoys = [s["decoy_lead_in"].format(s=f.decoy.format(owner=o, v=v)) for o, v in zip(owners, vals[1:])]
     return Plan("chat_memory", split, [], [], "", vals[0], [fact], decoys, f.ask, f.reply.format(v=vals[0]),
                 list(f.values), depths=[float(rng.uniform(0, 0.2))] + [None] * n_decoys, chat_only=True)

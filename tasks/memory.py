@@ -6,8 +6,11 @@ plain context; with hundreds it is what MegaContext is for (`filler_turns` sets 
 Scored strictly: the reply must name the right value and no other value of that kind, so echoing
 the decoy or listing every colour fails.
 """
+import numpy as np
+
 from tasks.arithmetic import make_problem
 from tasks.common import GeneratedTask, example_rng
+from tasks.longctx import OPEN_SHARE, open_fact
 from tasks.longctx import has_word as _has_word
 from tasks.splits import CHAT, MEMORY
 
@@ -21,12 +24,14 @@ _SMALL_TALK = CHAT["train"]["small_talk"]
 class Memory(GeneratedTask):
     """`filler_turns` = (min, max) user/assistant exchanges between the fact and the question.
     heldout=True draws facts, owners, acknowledgements and small talk from the evaluation half of
-    tasks/splits.py (wording, values and chat that training never uses); the default is the training half."""
+    tasks/splits.py (wording, values and chat that training never uses); the default is the training half,
+    where open_share of the facts are open facts (tasks/longctx.open_fact: any attribute, made-up values)."""
 
     def __init__(self, split="train", size=5000, filler_turns=(2, 8), decoy_prob=0.5, seed=0, heldout=False,
-                 **kwargs):
+                 open_share=OPEN_SHARE, **kwargs):
         super().__init__(split, size, seed, **kwargs)
         self.half = "eval" if heldout else "train"
+        self.open_share = open_share
         lo, hi = filler_turns
         if not 0 <= lo <= hi:
             raise ValueError(f"filler_turns must be (min, max) with 0 <= min <= max, got {filler_turns}")
@@ -42,11 +47,15 @@ class Memory(GeneratedTask):
     def get_example(self, index):
         rng = example_rng(f"memory{self.seed}", self.split, index)
         half, chat = MEMORY[self.half], CHAT[self.half]
-        kind = rng.choice(sorted(half["facts"]))
-        fact = half["facts"][kind]
+        lead_in = half["lead_in"]
+        if self.half == "train" and rng.random() < self.open_share:
+            kind, fact, lead_in = open_fact(np.random.default_rng(rng.getrandbits(64)), 2)
+        else:
+            kind = rng.choice(sorted(half["facts"]))
+            fact = half["facts"][kind]
         values = fact.values
         value = rng.choice(values)
-        turns = [(half["lead_in"].format(s=fact.state.format(v=value)), rng.choice(chat["acks"]))]
+        turns = [(lead_in.format(s=fact.state.format(v=value)), rng.choice(chat["acks"]))]
         # a same-kind fact about someone else, placed anywhere in the filler: the near-miss to avoid
         n_filler = rng.randint(*self.filler_turns)
         filler = [self._filler(rng) for _ in range(n_filler)]
@@ -62,11 +71,11 @@ class Memory(GeneratedTask):
             messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         messages += [{"role": "user", "content": fact.ask},
                      {"role": "assistant", "content": fact.reply.format(v=value)}]
-        return {"messages": messages, "kind": kind, "answer": value, "decoy": decoy}
+        return {"messages": messages, "kind": kind, "answer": value, "decoy": decoy, "values": list(values)}
 
     def evaluate(self, conversation, completion):
         """Right value named, and no other value of the same kind (the decoy included)."""
-        values = MEMORY[self.half]["facts"][conversation["kind"]].values
+        values = conversation["values"]
         answer = conversation["answer"]
         if not _has_word(completion, answer):
             return False

@@ -7,7 +7,7 @@ generalises, not the training templates. Disjoint by construction (tests/test_sp
   kv_recall (tasks/longctx.py);
 - the labels: multikey colours, kv-recall words;
 - the chat-memory facts (tasks/memory.py, tasks/longctx.chat_memory): how a fact is stated and asked,
-  its values, the decoys' owners;
+  its values, the decoys' owners; and the training half's open facts (any attribute, a made-up value);
 - the chat filler (tasks/chat_view.py): small talk, acknowledgements, the lines around pasted text, sums;
 - the bAbI-style stories (tasks/babi.py): actors, places, objects, how each kind of fact is worded ("went to"
   in training, "travelled to" in evaluation), the questions, the replies and the chat lead-ins;
@@ -219,6 +219,54 @@ MEMORY = {
     },
 }
 
+# Open facts (training half only): any attribute, stated in one of several shapes, with a made-up value
+# (tasks/memory.open_fact). With twelve fixed kinds of fact a small GPT learns twelve question -> statement
+# pairings and answers a question it never heard with small talk; with hundreds of attributes and values it
+# cannot have seen, the only thing that pays is finding the statement the question points at and copying the
+# value from it. The reply echoes the attribute, so that the copy is a lookup of what followed it.
+MEMORY_OPEN = {
+    "attributes": [
+        "bike", "boat", "hamster", "parrot", "goldfish", "tortoise", "horse", "rabbit", "lizard", "canary",
+        "middle name", "nickname", "locker code", "wifi password", "code word", "secret word", "username",
+        "favourite tree", "favourite flower", "favourite season", "favourite planet", "favourite bird",
+        "favourite fruit", "favourite snack", "favourite game", "favourite band", "favourite author",
+        "favourite movie", "favourite song", "favourite word", "favourite holiday", "favourite cheese",
+        "favourite soup", "favourite pastry", "favourite museum", "favourite river", "favourite mountain",
+        "favourite island", "favourite painter", "favourite poet", "favourite shop", "favourite park",
+        "favourite font", "favourite candle", "favourite spice", "favourite bread", "favourite berry",
+        "first teacher", "first phone", "best friend", "doctor", "landlord", "gym", "bakery", "hotel",
+        "school", "village", "robot", "cactus", "laptop", "router", "team", "club", "podcast",
+        "choir", "ship", "tent", "kayak", "drone", "blog", "puppet", "snowman", "scooter", "violin teacher",
+        "chess opening", "yoga class", "bank", "barber", "tailor", "lucky charm", "alarm tune", "ringtone",
+    ],
+    "states": ["my {a} is {v}", "my {a} is named {v}", "I call my {a} {v}", "the {a} I have is {v}",
+               "I named my {a} {v}", "my {a} goes by {v}", "our {a} is {v}"],
+    "decoys": ["{owner} {a} is {v}", "{owner} {a} is named {v}", "{owner} {a} goes by {v}"],
+    "asks": ["What is my {a}?", "Do you remember my {a}?", "Remind me, what is my {a}?", "What did I say my {a} is?",
+             "Tell me my {a} again.", "Can you recall my {a}?", "And my {a}?"],
+    "reply": "Your {a} is {v}.",
+    # the same attributes with a verb: "the bike I use most is Zanfar" / "Which bike do I use most?"
+    "verbs": ["prefer", "use most", "visit most", "trust", "recommend", "enjoy most", "rely on", "keep"],
+    "verb_states": ["the {a} I {verb} is {v}", "the {a} that I {verb} is {v}"],
+    "verb_asks": ["Which {a} do I {verb}?", "What {a} do I {verb}?", "Tell me which {a} I {verb}."],
+    "verb_reply": "The {a} you {verb} is {v}.",
+    # events with a place: (statement, decoy, question, reply)
+    "events": [("I studied in {v}", "{owner} college was in {v}", "Where did I study?", "You studied in {v}."),
+               ("I got married in {v}", "{owner} wedding was in {v}", "Where did I get married?",
+                "You got married in {v}."),
+               ("I spent last summer in {v}", "{owner} summer was spent in {v}", "Where did I spend last summer?",
+                "You spent last summer in {v}."),
+               ("I learned to swim in {v}", "{owner} swimming lessons were in {v}", "Where did I learn to swim?",
+                "You learned to swim in {v}."),
+               ("I met my partner in {v}", "{owner} partner lives in {v}", "Where did I meet my partner?",
+                "You met your partner in {v}.")],
+    "lead_ins": ["By the way, {s}.", "FYI, {s}.", "Remember this: {s}.", "Something about me: {s}."],
+    # made-up values: 2-3 syllables of these (capitalised half the time), or a number 100-999
+    "onsets": ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gr", "tr", "pl"],
+    "vowels": ["a", "e", "i", "o", "u"],
+    "codas": ["", "", "", "n", "r", "l", "s"],
+}
+
 # --------------------------------------------------------------------------- chat filler
 CHAT = {
     "train": {
@@ -337,6 +385,12 @@ def inventory(split):
         templates |= {t for pair in qs for t in pair}
     for f in mem["facts"].values():
         templates |= {f.state, f.decoy, f.ask, f.reply}
+    if split == "train":  # the open facts as a model reads them: every shape with every attribute
+        o = MEMORY_OPEN
+        shapes = (*o["states"], *o["decoys"], *o["asks"], o["reply"], *o["verb_states"], *o["verb_asks"],
+                  o["verb_reply"])  # ({verb} stays a placeholder: any verb)
+        templates |= {t.replace("{a}", a) for t in shapes for a in o["attributes"]} | set(o["lead_ins"])
+        templates |= {t for event in o["events"] for t in event}
     templates |= {mem["lead_in"], mem["decoy_lead_in"], *chat["acks"], *chat["sum"], *chat["paste_intros"],
                   *chat["paste_replies"]}
     templates |= {t for pair in chat["small_talk"] for t in pair}
@@ -346,4 +400,6 @@ def inventory(split):
     names = set(m["labels"]) | set(k["labels"]) | {o.split()[-1] for o in mem["owners"]}
     names |= {v for f in mem["facts"].values() for v in f.values}
     names |= set(b["actors"]) | set(b["places"]) | set(b["objects"])
+    if split == "train":
+        names |= set(MEMORY_OPEN["attributes"])
     return {"templates": templates, "names": names}

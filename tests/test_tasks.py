@@ -11,6 +11,8 @@ from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture, TaskSequence, extract_final_number, load_hf_dataset, render_mc
 from tasks.identity import Identity
 from tasks.memory import FACTS, Memory
+from tasks.longctx import has_word
+from tasks.splits import MEMORY, MEMORY_OPEN
 from tasks.spelling import Spelling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,13 +137,25 @@ def test_memory_structure_and_scorer():
         assert 1 + 3 + 1 + 1 <= n_turns <= 1 + 5 + 1 + 1      # fact, filler, decoy, question
         assert decoy is not None and decoy != value
         assert sum(decoy in m["content"] for m in msgs[2:-2]) >= 1  # the decoy sits in the filler
-        assert msgs[-2]["content"] == FACTS[conv["kind"]][1]
+        if conv["kind"] == "open":  # an attribute named by statement, question and reply alike, or an event
+            o = MEMORY_OPEN
+            said = [msgs[0]["content"], msgs[-2]["content"], last_reply(conv)]
+            assert any(all(has_word(t, a) for t in said) for a in o["attributes"]) or \
+                any(msgs[-2]["content"] == e[2] for e in o["events"])
+            assert last_reply(conv).endswith(f" {value}.") and sorted(conv["values"]) == sorted([value, decoy])
+        else:
+            assert msgs[-2]["content"] == FACTS[conv["kind"]][1]
+        assert task.evaluate(conv, last_reply(conv))
         assert task.evaluate(conv, f"It is {value}!")
         assert not task.evaluate(conv, f"It is {decoy}.")                # the near-miss
         assert not task.evaluate(conv, f"Either {value} or {decoy}.")    # hedging
         assert not task.evaluate(conv, "I don't remember.")
+    # about half the facts are open ones, whose values repeat rarely: they can only be copied, not recalled
+    opens = [c["answer"] for c in task if c["kind"] == "open"]
+    assert 30 <= len(opens) <= 70 and len(set(opens)) >= len(opens) - 2
+    assert not any(c["kind"] == "open" for c in Memory(split="train", size=50, open_share=0.0))
     # the lucky number: word boundaries, so 7 is not found inside 77
-    conv = {"kind": "number", "answer": "7"}
+    conv = {"kind": "number", "answer": "7", "values": MEMORY["train"]["facts"]["number"].values}
     assert task.evaluate(conv, "Your lucky number is 7.")
     assert not task.evaluate(conv, "Your lucky number is 77.")
     long = Memory(split="test", size=5, filler_turns=(40, 40), decoy_prob=0.0)
@@ -149,7 +163,6 @@ def test_memory_structure_and_scorer():
 
 
 def test_memory_heldout_half():
-    from tasks.splits import MEMORY
     held_values = {v for f in MEMORY["eval"]["facts"].values() for v in f.values}
     held = Memory(split="test", size=60, decoy_prob=1.0, heldout=True)
     for conv in held:
