@@ -26,8 +26,8 @@ RUN=${WANDB_RUN:-dummy}
 # MCConfig's default recipe (megacontext/config.py), sized from the sequence length: budget 256, 32 raw tail
 # tokens, training histories under 96 slots; pretraining runs the objective on every row of 3 batches in 4
 # with 4 counterfactual expansions per row and the gists' bag-of-words loss; midtraining starts with the copy
-# warm-up, then spends 80 % of its batches on needle tasks and corpus text continued after a gisted history at
-# 1-64x the budget. 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
+# warm-up, then spends 80 % of its batches on needle tasks, chat memory and corpus text after gisted histories of
+# 1-64x the budget, and on short raw copy rows that keep the copying alive. 2 heads per layer (--head-dim 64): copying needs a previous-token head and an induction
 # head. SFT runs without --mc here: its conversations fit the window, MC there costs ~10x on CPU, and without
 # the flag the GistNet/LensNet weights are carried through unchanged (the GPU scripts train them).
 MC_FLAG=() HEADS=()
