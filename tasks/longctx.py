@@ -177,7 +177,7 @@ def made_up_value(rng):
 
 def open_fact(rng, n_values):
     """(kind, Fact, lead_in) of an open fact (tasks/splits.MEMORY_OPEN): a random attribute in random shapes,
-    Fact.values = n_values distinct made-up values, the first one the asked value."""
+    Fact.values = n_values distinct made-up values (the caller picks the asked one and the decoys among them)."""
     o = MEMORY_OPEN
     vals = []
     while len(vals) < n_values:

@@ -220,8 +220,8 @@ MEMORY = {
 }
 
 # Open facts (training half only): any attribute, stated in one of several shapes, with a made-up value
-# (tasks/memory.open_fact). With twelve fixed kinds of fact a small GPT learns twelve question -> statement
-# pairings and answers a question it never heard with small talk; with hundreds of attributes and values it
+# (tasks/longctx.open_fact). With twelve fixed kinds of fact a small GPT learns twelve question -> statement
+# pairings and answers a question it never heard with small talk; with ~80 attributes and values it
 # cannot have seen, the only thing that pays is finding the statement the question points at and copying the
 # value from it. The reply echoes the attribute, so that the copy is a lookup of what followed it.
 MEMORY_OPEN = {
